@@ -1,0 +1,195 @@
+"""Sample → augment → encode → bucket, in one jitted function per length bucket.
+
+Training rows are leave-k-out episodes of a task's train pairs (one held-out pair is the target)
+under a random dihedral/colour augmentation; evaluation rows are all train pairs plus one test
+pair under a given augmentation (so predictions can be inverted and voted on).
+
+Lengths are known on the host from grid shapes alone (`episode_length`), so each task gets the
+smallest bucket its longest episode fits in; a task longer than the largest bucket is reported and
+skipped, or kept in the largest bucket with context pairs dropped, as configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arc_jax import augment, sample
+from arc_jax.encode import EncodedExample, encode_episode
+from arc_jax.formats import GridFormat, get_grid_format
+from arc_jax.task_arrays import TaskArrays
+from arc_jax.tokenizer import PIECES, TokenVocab
+
+OVERFLOW = ("truncate", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What a training row is made of (the `augment.*` and prompt keys of the configs)."""
+
+    grid_format: str = "shape_numbered"
+    loss_on: str = "target"
+    n_leave_out: int = 1
+    shuffle_pairs: bool = True
+    geometric: bool = True
+    color: bool = True
+    keep_background: bool = True
+    preserve_color_prob: float = 0.0
+    buckets: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
+    overflow: str = "truncate"
+
+    def __post_init__(self):
+        get_grid_format(self.grid_format)
+        if self.overflow not in OVERFLOW:
+            raise ValueError(f"overflow must be one of {OVERFLOW}, got {self.overflow!r}")
+        if self.n_leave_out < 1:
+            raise ValueError(f"n_leave_out must be >= 1, got {self.n_leave_out}")
+        if list(self.buckets) != sorted(set(self.buckets)) or not self.buckets:
+            raise ValueError(f"buckets must be increasing, got {self.buckets}")
+
+    @property
+    def fmt(self) -> GridFormat:
+        return get_grid_format(self.grid_format)
+
+
+def _encode(vocab, cfg, grids: sample.EpisodeGrids, n_context, seq_len, **kw) -> EncodedExample:
+    return encode_episode(
+        vocab, cfg.fmt, grids.context, grids.context_shapes, n_context, grids.target,
+        grids.target_shape, seq_len=seq_len, truncate=cfg.overflow == "truncate", **kw)
+
+
+def train_example(
+    key: jax.Array, arrays: TaskArrays, task: jax.Array, *, vocab: TokenVocab,
+    cfg: PipelineConfig, seq_len: int,
+) -> EncodedExample:
+    """One training row for task index `task` (scalar) from a PRNG key (unbatched)."""
+    k_episode, k_aug = jax.random.split(key)
+    episode = sample.sample_episode(
+        k_episode, arrays.n_train[task], arrays.train.shape[1], n_leave_out=cfg.n_leave_out,
+        shuffle=cfg.shuffle_pairs)
+    grids = sample.gather_episode(arrays.train[task], arrays.train_shapes[task], episode)
+    aug = augment.sample_augmentation(
+        k_aug, geometric=cfg.geometric, color=cfg.color, keep_background=cfg.keep_background,
+        preserve_color_prob=cfg.preserve_color_prob)
+    grids = sample.augment_episode(aug, grids)
+    return _encode(vocab, cfg, grids, episode.n_context, seq_len, loss_on=cfg.loss_on)
+
+
+def train_batch(
+    key: jax.Array, arrays: TaskArrays, tasks: jax.Array, *, vocab: TokenVocab,
+    cfg: PipelineConfig, seq_len: int,
+) -> EncodedExample:
+    """Training rows for task indices `tasks` `[B]`: every field gains a leading `[B]` axis."""
+    arrays = jax.tree.map(jnp.asarray, arrays)
+    keys = jax.random.split(key, tasks.shape[0])
+    one = lambda k, t: train_example(k, arrays, t, vocab=vocab, cfg=cfg, seq_len=seq_len)
+    return jax.vmap(one)(keys, tasks)
+
+
+def eval_example(
+    arrays: TaskArrays, task: jax.Array, test: jax.Array, aug: augment.Augmentation, *,
+    vocab: TokenVocab, cfg: PipelineConfig, seq_len: int, with_answer: bool = True,
+) -> EncodedExample:
+    """All train pairs (in order) + test pair `test` of task `task` under `aug` (unbatched)."""
+    episode = sample.eval_episode(arrays.n_train[task], arrays.train.shape[1], test)
+    grids = sample.gather_episode(
+        arrays.train[task], arrays.train_shapes[task], episode,
+        targets=(arrays.test[task], arrays.test_shapes[task]))
+    grids = sample.augment_episode(aug, grids)
+    return _encode(vocab, cfg, grids, episode.n_context, seq_len, with_answer=with_answer)
+
+
+def eval_batch(
+    arrays: TaskArrays, tasks: jax.Array, tests: jax.Array, augs: augment.Augmentation, *,
+    vocab: TokenVocab, cfg: PipelineConfig, seq_len: int, with_answer: bool = True,
+) -> EncodedExample:
+    """Evaluation rows for `tasks [B]`, `tests [B]` under augmentations `augs` (batched `[B]`)."""
+    arrays = jax.tree.map(jnp.asarray, arrays)
+    one = lambda t, q, a: eval_example(
+        arrays, t, q, a, vocab=vocab, cfg=cfg, seq_len=seq_len, with_answer=with_answer)
+    return jax.vmap(one)(tasks, tests, augs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side lengths and buckets.
+
+
+def grid_length(vocab: TokenVocab, fmt: GridFormat, shape: Sequence[int]) -> int:
+    """Tokens of one grid of shape (h, w) in format `fmt`; 0 for the (0, 0) padding shape."""
+    h, w = int(shape[0]), int(shape[1])
+    if h == 0:
+        return 0
+    n = h * (w + 1)
+    if fmt.row_numbers:
+        n += int(np.sum(vocab.number_lens[1: h + 1])) + h
+    if fmt.shape_header:
+        n += int(vocab.number_lens[h] + vocab.number_lens[w]) + 2
+    return n
+
+
+def _piece_len(vocab: TokenVocab, name: str) -> int:
+    return int(vocab.piece_lens[PIECES.index(name)])
+
+
+def episode_length(
+    vocab: TokenVocab, fmt: GridFormat, context_shapes: Sequence, query_shape: Sequence[int],
+    answer_shape: Sequence[int] | None,
+) -> int:
+    """Exact token count of an episode: context pair shapes `[(in_hw, out_hw), ...]`, the query
+    input's shape and the answer's (None: prompt only)."""
+    pl = lambda name: _piece_len(vocab, name)
+    n = pl("bos") + pl("prefix")
+    for shape_in, shape_out in context_shapes:
+        n += pl("input_label") + grid_length(vocab, fmt, shape_in)
+        n += pl("output_label") + grid_length(vocab, fmt, shape_out)
+    n += pl("input_label") + grid_length(vocab, fmt, query_shape) + pl("query_suffix")
+    if answer_shape is not None:
+        n += grid_length(vocab, fmt, answer_shape) + pl("answer_suffix")
+    return n
+
+
+def max_train_length(vocab: TokenVocab, fmt: GridFormat, train_shapes: np.ndarray) -> int:
+    """Longest leave-k-out training episode of a task with `train_shapes [n, 2, 2]`, over both
+    orientations (a transposing augmentation changes the count of row tokens): exact for k = 1
+    (every pair present, one of them as the target), an upper bound for k > 1."""
+    pl = lambda name: _piece_len(vocab, name)
+    fixed = pl("bos") + pl("prefix") + pl("query_suffix") + pl("answer_suffix")
+    fixed += (pl("input_label") + pl("output_label")) * len(train_shapes) - pl("output_label")
+    shapes = np.asarray(train_shapes).reshape(-1, 2)
+    return fixed + max(
+        sum(grid_length(vocab, fmt, s) for s in shapes),
+        sum(grid_length(vocab, fmt, s[::-1]) for s in shapes),
+    )
+
+
+def choose_bucket(length: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket that holds `length` tokens, or None."""
+    return next((b for b in buckets if length <= b), None)
+
+
+def assign_buckets(
+    task_ids: Sequence[str], lengths: Sequence[int], cfg: PipelineConfig,
+) -> dict[int, list[int]]:
+    """Groups task indices by bucket. Tasks longer than the largest bucket are reported, then
+    skipped (overflow='skip') or put in the largest bucket to be shortened (overflow='truncate')."""
+    groups: dict[int, list[int]] = {}
+    too_long = []
+    for i, (task_id, length) in enumerate(zip(task_ids, lengths, strict=True)):
+        bucket = choose_bucket(length, cfg.buckets)
+        if bucket is None:
+            too_long.append(f"{task_id} ({length} tokens)")
+            if cfg.overflow == "skip":
+                continue
+            bucket = cfg.buckets[-1]
+        groups.setdefault(bucket, []).append(i)
+    if too_long:
+        action = "skipped" if cfg.overflow == "skip" else "shortened by dropping train pairs"
+        logging.warning(
+            "%d task(s) longer than the largest bucket (%d tokens), %s: %s",
+            len(too_long), cfg.buckets[-1], action, ", ".join(too_long))
+    return dict(sorted(groups.items()))
