@@ -1,0 +1,135 @@
+"""LoRA adapters as their own plain dict tree over a frozen base.
+
+The tree mirrors the base params down to each targeted layer, which holds `{"a": [in, r],
+"b": [r, out]}`; the model adds `scale * (dropout(x) @ a) @ b` to `x @ kernel` without touching the
+base. Gradients and optimizer state therefore exist for this tree only
+(`jax.grad(loss, argnums=<lora arg>)`), and a stack of adapters with a leading task axis runs over
+one shared base with `jax.vmap(..., in_axes=(None, 0))` (base broadcast, adapters mapped).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Rank, alpha and dropout of an adapter; a static pytree (no leaves), safe to pass to jit."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def lora_sites(base_params: Mapping, targets: Sequence[str]) -> list[tuple[str, ...]]:
+    """Paths (sorted) of the base layers named in `targets` that hold a `kernel`."""
+    found = []
+
+    def walk(tree, path):
+        for key, value in tree.items():
+            if not isinstance(value, Mapping):
+                continue
+            if key in targets and "kernel" in value:
+                found.append((*path, key))
+            else:
+                walk(value, (*path, key))
+
+    walk(base_params, ())
+    return sorted(found)
+
+
+def _get(tree: Mapping, path: Sequence[str]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: Sequence[str], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def init_lora(key: Array, base_params: Mapping, config: LoraConfig,
+              dtype: Any = jnp.float32) -> dict:
+    """Fresh adapters for every targeted base kernel `[in, out]`.
+
+    `a [in, r]` ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform default), `b [r, out]` zero, so
+    the adapted model equals the base at init.
+    """
+    sites = lora_sites(base_params, config.targets)
+    if not sites:
+        raise ValueError(f"no base kernel matches LoRA targets {config.targets}")
+    tree: dict = {}
+    for site, k in zip(sites, jax.random.split(key, len(sites)), strict=True):
+        fan_in, fan_out = _get(base_params, site)["kernel"].shape
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(k, (fan_in, config.rank), dtype, -bound, bound)
+        _set(tree, site, {"a": a, "b": jnp.zeros((config.rank, fan_out), dtype)})
+    return tree
+
+
+def init_lora_stack(key: Array, base_params: Mapping, config: LoraConfig, num: int,
+                    dtype: Any = jnp.float32) -> dict:
+    """`num` independent adapters stacked on a leading task axis."""
+    keys = jax.random.split(key, num)
+    return jax.vmap(lambda k: init_lora(k, base_params, config, dtype))(keys)
+
+
+def stack_lora(trees: Sequence[Mapping]) -> dict:
+    """Stack adapters on a new leading task axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack_lora(stacked: Mapping, index: int) -> dict:
+    """The adapter at `index` of a stacked tree."""
+    return jax.tree.map(lambda x: x[index], stacked)
+
+
+def lora_delta(x: Array, site: Mapping, config: LoraConfig, rng: Array | None = None) -> Array:
+    """`scale * (dropout(x) @ a) @ b` for `x [..., in]` -> `[..., out]`; no dropout without rng."""
+    if rng is not None and config.dropout > 0:
+        keep = jax.random.bernoulli(rng, 1.0 - config.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - config.dropout), 0).astype(x.dtype)
+    a, b = site["a"].astype(x.dtype), site["b"].astype(x.dtype)
+    return ((x @ a) @ b) * jnp.asarray(config.scale, x.dtype)
+
+
+def merge_lora(base_params: Mapping, lora: Mapping, config: LoraConfig) -> dict:
+    """Base params with `kernel + scale * a @ b` folded in (computed in float32), for export."""
+    merged = jax.tree.map(lambda x: x, dict(base_params))
+
+    def fold(tree, path):
+        for key, value in tree.items():
+            if "a" in value and "b" in value:
+                layer = dict(_get(merged, (*path, key)))
+                kernel = layer["kernel"]
+                delta = value["a"].astype(jnp.float32) @ value["b"].astype(jnp.float32)
+                layer["kernel"] = (kernel.astype(jnp.float32) + config.scale * delta).astype(
+                    kernel.dtype)
+                _set(merged, (*path, key), layer)
+            else:
+                fold(value, (*path, key))
+
+    fold(lora, ())
+    return merged
+
+
+def num_params(tree: Any) -> int:
+    """Total element count of a tree's leaves."""
+    return sum(x.size for x in jax.tree.leaves(tree))

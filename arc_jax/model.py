@@ -1,0 +1,489 @@
+"""Phi-3 decoder in Flax linen, numerically matching transformers' `Phi3ForCausalLM`.
+
+Parameters are plain nested dicts mirroring the HF layout, e.g.
+`params["model"]["layers_0"]["self_attn"]["qkv_proj"]["kernel"]` of shape `[in, out]`.
+A LoRA tree (see `arc_jax.lora`) is an optional call argument, so one base serves many adapters.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arc_jax.lora import LoraConfig, lora_delta
+
+Array = jax.Array
+Cache = dict[str, dict[str, Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phi3Config:
+    """Architecture hyper-parameters; `from_hf`/`to_hf_dict` translate transformers' config."""
+
+    vocab_size: int = 32064
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    rope_type: str = "default"  # "default" | "longrope"
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    rope_factor: float | None = None
+    rope_attention_factor: float | None = None
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int = 4096
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 32000
+    pad_token_id: int | None = 32000
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.rope_type == "longrope":
+            want = int(self.dim_head * self.partial_rotary_factor) // 2
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(self, name) or ()) != want:
+                    raise ValueError(f"longrope needs {name} of length {want} (rotary_dim / 2)")
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any] | Any) -> Phi3Config:
+        """From a `config.json` dict or a `transformers.Phi3Config`.
+
+        Reads current (`rope_parameters`) and legacy (`rope_scaling`, top-level `rope_theta`,
+        `partial_rotary_factor`, type "su"/"yarn") layouts the way transformers normalizes them,
+        without importing transformers.
+        """
+        d = dict(hf if isinstance(hf, Mapping) else hf.to_dict())
+        if d.get("model_type", "phi3") != "phi3":
+            raise ValueError(f"expected a phi3 config, got model_type={d['model_type']!r}")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
+        if rope_type not in ("default", "longrope"):
+            raise ValueError(f"unsupported rope_type {rope_type!r} (want default or longrope)")
+        as_tuple = lambda v: None if v is None else tuple(float(x) for x in v)
+        eos = d.get("eos_token_id", cls.eos_token_id)
+        return cls(**{
+            **{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d},
+            "num_key_value_heads": d.get("num_key_value_heads") or d.get(
+                "num_attention_heads", cls.num_attention_heads),
+            "rope_type": rope_type,
+            "rope_theta": float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            "partial_rotary_factor": float(rope.get(
+                "partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
+            "short_factor": as_tuple(rope.get("short_factor")),
+            "long_factor": as_tuple(rope.get("long_factor")),
+            "rope_factor": rope.get("factor"),
+            "rope_attention_factor": rope.get("attention_factor"),
+            "eos_token_id": tuple(eos) if isinstance(eos, list | tuple) else eos,
+        })
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A `config.json` dict that `transformers.Phi3Config` reads back to this config."""
+        rope: dict[str, Any] = {
+            "rope_type": self.rope_type,
+            "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+            "short_factor": self.short_factor and list(self.short_factor),
+            "long_factor": self.long_factor and list(self.long_factor),
+            "factor": self.rope_factor,
+            "attention_factor": self.rope_attention_factor,
+        }
+        if self.rope_type == "longrope":
+            rope["original_max_position_embeddings"] = self.original_max_position_embeddings
+        plain = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "hidden_act", "rms_norm_eps",
+                 "max_position_embeddings", "original_max_position_embeddings", "sliding_window",
+                 "tie_word_embeddings", "bos_token_id", "pad_token_id")
+        out = {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}
+        out.update({name: getattr(self, name) for name in plain})
+        eos = self.eos_token_id
+        out["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
+        out["rope_parameters"] = {k: v for k, v in rope.items() if v is not None}
+        if self.head_dim is not None:
+            out["head_dim"] = self.head_dim
+        return out
+
+
+# --- rotary position embedding -------------------------------------------------------------------
+
+def rope_inv_freq(config: Phi3Config, long: bool = False) -> np.ndarray:
+    """Inverse frequencies `[rotary_dim // 2]`, float32 as transformers computes them."""
+    dim = int(config.dim_head * config.partial_rotary_factor)
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    base = np.float32(config.rope_theta) ** exponents
+    if config.rope_type == "longrope":
+        factors = config.long_factor if long else config.short_factor
+        base = np.asarray(factors, np.float32) * base
+    return (np.float32(1.0) / base).astype(np.float32)
+
+
+def rope_attention_scale(config: Phi3Config) -> float:
+    """LongRoPE's cos/sin multiplier (1.0 for default RoPE)."""
+    if config.rope_type != "longrope":
+        return 1.0
+    if config.rope_attention_factor is not None:
+        return float(config.rope_attention_factor)
+    original = config.original_max_position_embeddings
+    factor = config.rope_factor or config.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else float(np.sqrt(1 + np.log(factor) / np.log(original)))
+
+
+def rope_cos_sin(config: Phi3Config, positions: Array) -> tuple[Array, Array]:
+    """cos, sin `[batch, seq, rotary_dim]` in float32 for `positions [batch, seq]`.
+
+    LongRoPE picks the long factors for the whole call when max(positions) + 1 exceeds
+    `original_max_position_embeddings`, exactly as transformers does.
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    if config.rope_type == "longrope":
+        seq_len = jnp.max(positions) + 1
+        is_long = seq_len > config.original_max_position_embeddings
+        inv_freq = jnp.where(is_long, jnp.asarray(rope_inv_freq(config, long=True)), inv_freq)
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    scale = rope_attention_scale(config)
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates the first `rotary_dim` features of `x [batch, seq, heads, head_dim]`."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array | None,
+                   sliding_window: int | None) -> Array:
+    """Boolean `[batch, q, k]`: causal (and windowed) by index, padded keys excluded.
+
+    q_pos: `[batch, q]`; k_pos: `[batch | 1, k]`; k_valid: `[batch, k]` or None.
+    """
+    diff = q_pos[:, :, None] - k_pos[:, None, :]
+    mask = diff >= 0
+    if sliding_window is not None:
+        mask &= diff < sliding_window
+    if k_valid is not None:
+        mask &= k_valid[:, None, :].astype(bool)
+    return mask
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Grouped-query attention; softmax in float32.
+
+    q: `[batch, q, heads, d]`; k, v: `[batch, k, kv_heads, d]`; mask: `[batch, q, k]`.
+    Returns `[batch, q, heads, d]`.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None], logits * d**-0.5, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+# --- modules -------------------------------------------------------------------------------------
+
+def _sub(tree: Mapping | None, key: str) -> Any:
+    return None if tree is None else tree.get(key)
+
+
+class Dense(nn.Module):
+    """Bias-free linear layer `x @ kernel` plus an optional LoRA update."""
+
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, lora: Mapping | None = None,
+                 lora_config: LoraConfig | None = None) -> Array:
+        kernel = self.param("kernel", nn.initializers.normal(0.02),
+                            (x.shape[-1], self.features), self.param_dtype)
+        x = x.astype(self.dtype)
+        y = x @ kernel.astype(self.dtype)
+        if lora is not None:
+            if lora_config is None:
+                raise ValueError("a lora tree needs its lora_config")
+            rng = None
+            if lora_config.dropout > 0 and self.has_rng("dropout"):
+                rng = self.make_rng("dropout")
+            y = y + lora_delta(x, lora, lora_config, rng)
+        return y
+
+
+class Embed(nn.Module):
+    vocab_size: int
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.initializers.normal(0.02),
+                                    (self.vocab_size, self.features), self.param_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        return self.embedding.astype(self.dtype)[ids]
+
+    def attend(self, x: Array) -> Array:
+        """Tied output projection `x [..., d]` -> `[..., vocab]`."""
+        return x.astype(self.dtype) @ self.embedding.astype(self.dtype).T
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: Phi3Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config):
+        cfg, d = self.config, self.config.dim_head
+        h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        dense = lambda n, name: Dense(n, self.dtype, self.param_dtype, name=name)
+        qkv = dense((h + 2 * kv) * d, "qkv_proj")(x, _sub(lora, "qkv_proj"), lora_config)
+        b, t = x.shape[:2]
+        q = qkv[..., : h * d].reshape(b, t, h, d)
+        k = qkv[..., h * d: (h + kv) * d].reshape(b, t, kv, d)
+        v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            k_pos = q_pos
+        else:
+            write = jax.vmap(lambda c, new, p: c.at[p].set(new.astype(c.dtype)))
+            cache = {"k": write(cache["k"], k, positions), "v": write(cache["v"], v, positions)}
+            k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
+            k_pos = jnp.arange(k.shape[1])[None]
+        mask = attention_mask(q_pos, k_pos, k_valid, cfg.sliding_window)
+        out = attend(q, k, v, mask).reshape(b, t, h * d)
+        out = dense(cfg.hidden_size, "o_proj")(out, _sub(lora, "o_proj"), lora_config)
+        return out, cache
+
+
+class MLP(nn.Module):
+    config: Phi3Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, lora, lora_config):
+        cfg = self.config
+        act = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_new": jax.nn.gelu,
+               "relu": jax.nn.relu}[cfg.hidden_act]
+        gate_up = Dense(2 * cfg.intermediate_size, self.dtype, self.param_dtype,
+                        name="gate_up_proj")(x, _sub(lora, "gate_up_proj"), lora_config)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        return Dense(cfg.hidden_size, self.dtype, self.param_dtype, name="down_proj")(
+            up * act(gate), _sub(lora, "down_proj"), lora_config)
+
+
+class DecoderLayer(nn.Module):
+    config: Phi3Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        eps = self.config.rms_norm_eps
+        h = RMSNorm(eps, **kw, name="input_layernorm")(x)
+        h, cache = Attention(self.config, **kw, name="self_attn")(
+            h, cos, sin, q_pos, k_valid, positions, cache, _sub(lora, "self_attn"), lora_config)
+        x = x + h
+        h = RMSNorm(eps, **kw, name="post_attention_layernorm")(x)
+        x = x + MLP(self.config, **kw, name="mlp")(h, _sub(lora, "mlp"), lora_config)
+        return x, cache
+
+
+class Phi3Model(nn.Module):
+    """Embedding, decoder stack and final norm (HF `Phi3Model`)."""
+
+    config: Phi3Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        self.layers = [layer(cfg, **kw) for _ in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
+
+    def __call__(self, input_ids, positions, attention_mask, cache, lora, lora_config):
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if cache is None:
+            # Mask by token index and padding, as transformers does without a cache.
+            q_pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+            k_valid = attention_mask
+        else:
+            # Cache slot == position: a query sees every slot at or before its position.
+            q_pos, k_valid = positions, None
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.config, positions)
+        new_cache = None if cache is None else {}
+        for i, layer in enumerate(self.layers):
+            name = f"layers_{i}"
+            x, layer_cache = layer(x, cos, sin, q_pos, k_valid, positions, _sub(cache, name),
+                                   _sub(lora, name), lora_config)
+            if cache is not None:
+                new_cache[name] = layer_cache
+        return self.norm(x), new_cache
+
+
+class Phi3(nn.Module):
+    """Phi-3 causal LM (HF `Phi3ForCausalLM`).
+
+    `dtype` is the compute dtype; `param_dtype` the dtype `init` creates (loaded params keep
+    theirs and are cast to `dtype` on use). Norm statistics and softmax run in float32.
+    """
+
+    config: Phi3Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        self.model = Phi3Model(self.config, self.dtype, self.param_dtype, self.remat)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = Dense(self.config.vocab_size, self.dtype, self.param_dtype)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        lora: Mapping | None = None,
+        lora_config: LoraConfig | None = None,
+        cache: Cache | None = None,
+        return_hidden: bool = False,
+    ) -> Array | tuple[Array, Cache]:
+        """Logits `[batch, seq, vocab]` (float32), or final normed hidden `[batch, seq, d]`.
+
+        input_ids, positions, attention_mask: `[batch, seq]`; positions default to 0..seq-1,
+        attention_mask (1 = real token, right padding) only matters without a cache.
+        With `cache` (see `init_cache`), K/V are written at slot = position and
+        `(output, new_cache)` is returned. LoRA dropout runs only when `rngs={"dropout": key}`.
+        """
+        hidden, new_cache = self.model(input_ids, positions, attention_mask, cache,
+                                       _sub(lora, "model"), lora_config)
+        out = hidden if return_hidden else self.logits(hidden, lora, lora_config)
+        return out if cache is None else (out, new_cache)
+
+    def logits(self, hidden: Array, lora: Mapping | None = None,
+               lora_config: LoraConfig | None = None) -> Array:
+        """Vocabulary projection of `hidden [..., d]` -> float32 `[..., vocab]`."""
+        if self.config.tie_word_embeddings:
+            out = self.model.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden, _sub(lora, "lm_head"), lora_config)
+        return out.astype(jnp.float32)
+
+
+def project_logits(model: Phi3, params: Mapping, hidden: Array, lora: Mapping | None = None,
+                   lora_config: LoraConfig | None = None) -> Array:
+    """`hidden [..., d]` (from `return_hidden=True`) -> float32 logits `[..., vocab]`."""
+    return model.apply({"params": params}, hidden, lora, lora_config, method=Phi3.logits)
+
+
+def abstract_params(model: Phi3) -> Any:
+    """Parameter tree of `jax.ShapeDtypeStruct`, built without allocating."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+
+
+def init_cache(config: Phi3Config, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
+    """Empty KV cache: per layer `k`, `v` of shape `[batch, max_len, kv_heads, head_dim]`."""
+    shape = (batch, max_len, config.num_key_value_heads, config.dim_head)
+    zeros = lambda: jnp.zeros(shape, dtype)
+    return {f"layers_{i}": {"k": zeros(), "v": zeros()} for i in range(config.num_hidden_layers)}
+
+
+def greedy_generate(model: Phi3, params: Mapping, prompt: Array, lengths: Array,
+                    max_new_tokens: int, lora: Mapping | None = None,
+                    lora_config: LoraConfig | None = None, eos_token_id: int | None = None,
+                    pad_token_id: int = 0) -> Array:
+    """Greedy decoding with the KV cache; jittable with `model`/`max_new_tokens` static.
+
+    prompt: `[batch, t]` right-padded; lengths: `[batch]`. Returns `[batch, max_new_tokens]`;
+    after `eos_token_id` a row continues with `pad_token_id`, like transformers' `generate`.
+    Like transformers, LongRoPE recomputes the cache once when the sequence first exceeds
+    `original_max_position_embeddings` (short factors before, long after).
+    """
+    cfg = model.config
+    prompt, lengths = jnp.asarray(prompt, jnp.int32), jnp.asarray(lengths, jnp.int32)
+    b, t = prompt.shape
+    max_len = t + max_new_tokens
+    run = lambda ids, pos, cache: model.apply({"params": params}, ids, pos, lora=lora,
+                                              lora_config=lora_config, cache=cache)
+    rows = jnp.arange(b)
+    logits, cache = run(prompt, None, init_cache(cfg, b, max_len, model.dtype))
+    first = jnp.argmax(logits[rows, lengths - 1], axis=-1)
+    tokens = jnp.zeros((b, max_len), jnp.int32).at[:, :t].set(prompt)
+    switch = cfg.rope_type == "longrope" and max_len > cfg.original_max_position_embeddings
+
+    def step(carry, i):
+        cache, tokens, nxt, done = carry
+        tok = jnp.where(done, pad_token_id, nxt).astype(jnp.int32)
+        if eos_token_id is not None:
+            done = done | (tok == eos_token_id)
+        pos = lengths + i
+        tokens = tokens.at[rows, pos].set(tok)
+
+        def decode(cache):
+            logits, cache = run(tok[:, None], pos[:, None], cache)
+            return logits[:, 0], cache
+
+        def recompute(_):
+            full = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
+            logits, cache = run(tokens, full, init_cache(cfg, b, max_len, model.dtype))
+            return logits[rows, pos], cache
+
+        if switch:
+            cross = jnp.max(pos) == cfg.original_max_position_embeddings
+            logits, cache = jax.lax.cond(cross, recompute, decode, cache)
+        else:
+            logits, cache = decode(cache)
+        return (cache, tokens, jnp.argmax(logits, axis=-1), done), tok
+
+    carry = (cache, tokens, first, jnp.zeros((b,), bool))
+    _, out = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
+    return out.T
