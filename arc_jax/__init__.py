@@ -12,9 +12,9 @@ from arc_jax.task_arrays import TaskArrays, pad_tasks, unpad
 from arc_jax.tokenizer import TokenizerError, load_tokenizer
 
 __all__ = [
-    "CheckpointError", "LoraConfig", "Phi3", "Phi3Config", "init_lora", "load_peft",
-    "load_pretrained", "merge_lora", "save_peft", "save_pretrained", "BUNDLES", "GRID_FORMATS", "EncodedExample", "Pair", "PipelineConfig", "PromptTemplate",
-    "Task", "TaskArrays", "TaskError", "TokenizerError", "check_device_encoding",
-    "encode_episode", "eval_batch", "grid_to_text", "load_tasks", "load_tokenizer", "pad_tasks",
-    "text_to_grid", "train_batch", "unpad",
+    "BUNDLES", "check_device_encoding", "CheckpointError", "encode_episode", "EncodedExample",
+    "eval_batch", "GRID_FORMATS", "grid_to_text", "init_lora", "load_peft", "load_pretrained",
+    "load_tasks", "load_tokenizer", "LoraConfig", "merge_lora", "pad_tasks", "Pair", "Phi3",
+    "Phi3Config", "PipelineConfig", "PromptTemplate", "save_peft", "save_pretrained", "Task",
+    "TaskArrays", "TaskError", "text_to_grid", "TokenizerError", "train_batch", "unpad",
 ]
