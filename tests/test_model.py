@@ -11,10 +11,16 @@ import pytest
 import transformers
 
 from arc_jax.convert import load_pretrained, save_pretrained
-from arc_jax.model import Phi3, Phi3Config, greedy_generate, project_logits
+from arc_jax.generate import generate as _generate
+from arc_jax.model import Phi3, Phi3Config, project_logits
 
 TOL = 1e-4
-generate = jax.jit(greedy_generate, static_argnames=("model", "max_new_tokens", "eos_token_id"))
+
+
+def generate(model, params, prompts, lengths, max_new_tokens, eos_token_id=None):
+    """Greedy tokens `[batch, max_new_tokens]`, padded with the config's pad id after eos."""
+    return _generate(model, params, prompts, lengths, max_new_tokens=max_new_tokens,
+                     eos_token_id=eos_token_id, pad_token_id=model.config.pad_token_id).tokens
 
 
 class Pair(NamedTuple):
