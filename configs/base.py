@@ -1,0 +1,81 @@
+"""Every knob of arc_jax with its default. Experiment configs import `get_config` from here and
+change only what their experiment changes.
+
+    python -m arc_jax.main --config=configs/base.py --config.data.max_tasks=2 --config.train.steps=4
+"""
+
+import ml_collections
+
+DEFAULT_MODEL = "arc_jax/assets/tiny_phi3"
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "base"  # names the default workdir: workdirs/<name>
+    c.mode = "ttft"  # finetune | ttft | evaluate
+    c.workdir = ""  # "" = workdirs/<name>
+    c.seed = 0  # the one seed: params, data, dropout and decoding keys derive from it
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = DEFAULT_MODEL  # a transformers Phi-3 directory (config.json + safetensors)
+    c.model.tokenizer = ""  # "" = the tokenizer in model.path, else the shipped ARC tokenizer
+    c.model.dtype = "float32"  # parameter dtype of the frozen base: float32 | bfloat16
+    c.model.compute_dtype = "float32"  # activations: float32 | bfloat16
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.enabled = True  # False = full fine-tuning (finetune mode only)
+    c.lora.rank = 32
+    c.lora.alpha = 64.0
+    c.lora.dropout = 0.0
+    c.lora.targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "kaggle2024/training"  # finetune mode: the tasks to train on
+    c.data.eval = "kaggle2024/evaluation"  # ttft/evaluate: bundle name, dir or challenges file
+    c.data.eval_solutions = ""  # Kaggle solutions file for a challenges data.eval
+    c.data.max_tasks = 0  # 0 = all; N = the first N task ids in sorted order
+    c.data.task_ids = ()  # only these tasks (before max_tasks); () = all
+    c.data.grid_format = "shape_numbered"  # minimal | shape | numbered | shape_numbered
+    c.data.loss_on = "target"  # target | all_outputs
+    c.data.buckets = (512, 1024, 2048, 4096, 8192)
+    c.data.max_seq_len = 8192  # buckets above this are dropped
+    c.data.overflow = "truncate"  # longer tasks: truncate (drop train pairs) | skip
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.n_leave_out = 1  # k of leave-k-out: 1 = the log's "n-1", 2 = "n-2"
+    c.augment.shuffle_pairs = True
+    c.augment.geometric = False  # the 8 dihedral transforms
+    c.augment.color_swap = False  # random colour permutation
+    c.augment.keep_background = True  # colour swap permutes 1..9 and keeps 0
+    c.augment.preserve_color = False  # keep some samples in the original colours ...
+    c.augment.preserve_color_prob = 0.5  # ... with this probability
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100
+    c.train.batch_size = 4  # rows per step (per task in per_task mode)
+    c.train.grad_accum = 1
+    c.train.learning_rate = 1e-4
+    c.train.schedule = "cosine"  # cosine | linear | constant
+    c.train.warmup_steps = 10
+    c.train.weight_decay = 0.0
+    c.train.max_grad_norm = 1.0
+    c.train.log_every = 10
+    c.train.checkpoint_every = 50
+    c.train.keep_checkpoints = 2
+    c.train.stop_after_steps = 0  # >0: stop this process after N updates; rerun to resume
+
+    c.ttft = ml_collections.ConfigDict()
+    c.ttft.mode = "per_task"  # joint (one adapter for all tasks) | per_task (one adapter each)
+    c.ttft.tasks_per_device = 0  # per_task: adapters vmapped per device at once; 0 = all
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.n_augmentations = 8  # decoded views per test input (dihedral x colour), voted
+    c.eval.temperature = 0.0  # 0 = greedy
+    c.eval.top_k = 0
+    c.eval.batch_size = 8
+    c.eval.max_new_tokens = 0  # 0 = enough for a 30x30 grid in the format
+    c.eval.images = 4  # tasks rendered to TensorBoard
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = False  # jax.distributed.initialize() (or ARC_JAX_DISTRIBUTED=1)
+    return c
