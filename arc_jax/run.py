@@ -189,10 +189,17 @@ def _run_steps(setup: Setup, name: str, state: Any, step_fn, steps: int, offset:
     mngr = checkpoint.manager(
         os.path.join(setup.workdir, "checkpoints", name), cfg.keep_checkpoints,
         cfg.checkpoint_every)
+    # The data key is saved with the state: every step's batches derive from it and the step.
+    data_key = np.asarray(jax.random.key_data(setup.stream(DATA)))
+    state = {**state, "data_key": data_key}
     restored = checkpoint.restore_latest(mngr, state)
     start = 0
     if restored is not None:
         start, state = restored
+        if not np.array_equal(np.asarray(state["data_key"]), data_key):
+            raise settings.ConfigError(
+                f"checkpoints in {mngr.directory} were made with another data key (config.seed "
+                "changed?); use a fresh --workdir or the original seed")
         log.info("%s: resumed from step %d", name, start)
     stop = steps if not cfg.get("stop_after_steps") else min(steps, start + cfg.stop_after_steps)
     progress = _Progress(setup, steps, start, name, offset)
@@ -242,7 +249,7 @@ def train_per_task(
 
         def step_fn(state, s, step=step, data=data, seeds=seeds, dk=data_key, rk=dropout_key):
             train, metrics = step(state["train"], data, seeds, setup.params, jnp.int32(s), dk, rk)
-            return {"train": train}, metrics
+            return {**state, "train": train}, metrics
 
         state, done = _run_steps(setup, unit.name, {"train": states}, step_fn, steps,
                                  offset=u * steps)
@@ -284,7 +291,7 @@ def train_joint(
         train, metrics = step_fns[bucket](
             state["train"], frozen, (arrays, members[bucket]),
             jax.random.fold_in(data_key, s), jax.random.fold_in(dropout_key, s))
-        return {"train": train}, metrics
+        return {**state, "train": train}, metrics
 
     state, done = _run_steps(setup, name, state, step_fn, cfg.steps)
     return jax.device_get(state["train"].trainable), done

@@ -178,10 +178,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     def step_fn(state, step):
         loss = np.nan if step == 2 else 1.0
         metrics = {"loss": np.float32(loss), "tokens": np.int32(1), "grad_norm": np.float32(1)}
-        return {"train": {"w": state["train"]["w"] + 1}}, metrics
+        return {**state, "train": {"w": state["train"]["w"] + 1}}, metrics
 
     with pytest.raises(run.NonFiniteLossError, match="step 2"):
         run._run_steps(setup, "nan_unit", state, step_fn, 5)
     saved = sorted(int(os.path.basename(p)) for p in glob.glob(
         str(tmp_path / "checkpoints" / "nan_unit" / "[0-9]*")))
     assert saved and max(saved) == 2
+
+
+def test_resume_refuses_checkpoints_of_another_seed(tmp_path):
+    setup, _, _ = _setup(tmp_path, **{"train.steps": 2})
+    state = {"train": {"w": jax.numpy.zeros(3)}}
+
+    def step_fn(state, step):
+        metrics = {"loss": np.float32(1), "tokens": np.int32(1), "grad_norm": np.float32(1)}
+        return {**state, "train": {"w": state["train"]["w"] + 1}}, metrics
+
+    run._run_steps(setup, "unit", state, step_fn, 2)
+    other, _, _ = _setup(tmp_path, **{"train.steps": 2, "seed": 1})
+    with pytest.raises(settings.ConfigError, match="seed"):
+        run._run_steps(other, "unit", state, step_fn, 2)
