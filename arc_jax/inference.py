@@ -26,7 +26,13 @@ from arc_jax.formats import GridFormat
 from arc_jax.generate import generate_per_task, max_answer_tokens, prompts_that_fit
 from arc_jax.lora import LoraConfig, stack_lora
 from arc_jax.model import Phi3
-from arc_jax.pipeline import PipelineConfig, choose_bucket, episode_length, eval_batch
+from arc_jax.pipeline import (
+    PipelineConfig,
+    assign_buckets,
+    choose_bucket,
+    episode_length,
+    eval_batch,
+)
 from arc_jax.task_arrays import TaskArrays
 from arc_jax.tokenizer import TokenVocab
 from arc_jax.train import masked_nll
@@ -160,7 +166,8 @@ def evaluate_tasks(
 
     # Decoding: rows [G, Q * V] per chunk of G tasks.
     prompt_lens = [prompt_length(vocab, fmt, t, answer=False) for t in tasks]
-    for seq_len, members in _groups(prompt_lens, pipeline.buckets).items():
+    groups = assign_buckets([t.task_id for t in tasks], prompt_lens, pipeline)
+    for seq_len, members in groups.items():
         for real, chunk in _chunks(members, settings.batch_size):
             view_keys = jnp.stack([jax.random.fold_in(key, task_keys[i]) for i in chunk])
             augs = jax.vmap(lambda k: view_augmentations(k, n_tests, n_views))(view_keys)
