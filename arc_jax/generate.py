@@ -128,9 +128,11 @@ def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, max_new
     original = cfg.original_max_position_embeddings
     switch = cfg.rope_type == "longrope" and max_len > original
 
-    def hidden(ids, pos, cache):  # [G, B, s] -> hidden [G, B, s, d], cache
-        one = lambda lo, i, p, c: model.apply({"params": params}, i, p, lora=lo,
-                                              lora_config=lora_config, cache=c, return_hidden=True)
+    def hidden(ids, pos, cache, fresh=False):  # [G, B, s] -> hidden [G, B, s, d], cache
+        # fresh: `cache` is empty, so attention runs over the call's own keys (blockwise)
+        m = model.clone(fresh_cache=True) if fresh else model
+        one = lambda lo, i, p, c: m.apply({"params": params}, i, p, lora=lo,
+                                          lora_config=lora_config, cache=c, return_hidden=True)
         return jax.vmap(one, in_axes=(lora_axis, 0, 0, 0))(lora, ids, pos, cache)
 
     def logits(h):  # [G, B, d] -> [G, B, vocab]
@@ -144,15 +146,20 @@ def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, max_new
     def at(x, pos):  # x [G, B, s, ...] at pos [G, B] -> [G, B, ...]
         return jnp.take_along_axis(x, pos.reshape(g, b, 1, *[1] * (x.ndim - 3)), axis=2)[:, :, 0]
 
-    def choose(step_logits, i, done):  # -> tokens [G, B], logprobs [G, B]
-        vocab = step_logits.shape[-1]
+    def top_k_filter(scaled):  # only traced into the top_k > 0 branch: sorting costs
+        vocab = scaled.shape[-1]
+        kth = jnp.take(jnp.sort(scaled, axis=-1), vocab - jnp.minimum(top_k, vocab), axis=-1)
+        return jnp.where(scaled < kth[..., None], -jnp.inf, scaled)
+
+    def sample(step_logits, i):
         scaled = step_logits / jnp.maximum(temperature, 1e-6)
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        kth = jnp.take(jnp.sort(scaled, axis=-1), vocab - k, axis=-1)[..., None]
-        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+        scaled = jax.lax.cond(top_k > 0, top_k_filter, lambda x: x, scaled)
         draw = lambda key, x: jax.random.categorical(jax.random.fold_in(key, i), x)
-        tok = jnp.where(temperature > 0, jax.vmap(draw)(keys, scaled),
-                        jnp.argmax(step_logits, axis=-1))
+        return jax.vmap(draw)(keys, scaled).astype(jnp.int32)
+
+    def choose(step_logits, i, done):  # -> tokens [G, B], logprobs [G, B]
+        greedy = lambda x, i: jnp.argmax(x, axis=-1).astype(jnp.int32)
+        tok = jax.lax.cond(temperature > 0, sample, greedy, step_logits, i)
         logp = jnp.take_along_axis(jax.nn.log_softmax(step_logits), tok[..., None], -1)[..., 0]
         return jnp.where(done, pad, tok).astype(jnp.int32), jnp.where(done, 0.0, logp)
 
@@ -161,7 +168,7 @@ def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, max_new
 
     index = jnp.arange(t)
     prefill_pos = jnp.where(index < lengths[..., None], index, -1)
-    h, cache = hidden(prompts, prefill_pos, empty_cache())
+    h, cache = hidden(prompts, prefill_pos, empty_cache(), fresh=True)
     tok, logp = choose(logits(at(h, lengths - 1)), 0, jnp.zeros((g, b), bool))
     done = is_eos(tok)
     rows = (jnp.arange(g)[:, None], jnp.arange(b)[None, :])
@@ -179,7 +186,7 @@ def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, max_new
 
         def recompute(out):
             full = jnp.broadcast_to(jnp.arange(max_len), (g, b, max_len))
-            h, fresh = hidden(seq, full, empty_cache())  # every position: long factors
+            h, fresh = hidden(seq, full, empty_cache(), fresh=True)  # all positions: long factors
             pick = lambda x, y: jnp.where(cross.reshape(g, *[1] * (x.ndim - 1)), x, y)
             return jax.tree.map(pick, (logits(at(h, pos)), fresh), out)
 

@@ -15,10 +15,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arc_jax.attention import (  # noqa: F401  (attend, attention_mask: re-exported)
+    IMPLEMENTATIONS,
+    attend,
+    attend_cache,
+    attention_mask,
+    causal_attention,
+    dot_product_causal,
+)
 from arc_jax.lora import LoraConfig, lora_delta
+from arc_jax.quantize import dequantize
 
 Array = jax.Array
 Cache = dict[str, dict[str, Array]]
+QUANTIZED = ("kernel_int8", "kernel_int4", "scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,38 +183,6 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
 
 
-# --- attention -----------------------------------------------------------------------------------
-
-def attention_mask(q_pos: Array, k_pos: Array, k_valid: Array | None,
-                   sliding_window: int | None) -> Array:
-    """Boolean `[batch, q, k]`: causal (and windowed) by index, padded keys excluded.
-
-    q_pos: `[batch, q]`; k_pos: `[batch | 1, k]`; k_valid: `[batch, k]` or None.
-    """
-    diff = q_pos[:, :, None] - k_pos[:, None, :]
-    mask = diff >= 0
-    if sliding_window is not None:
-        mask &= diff < sliding_window
-    if k_valid is not None:
-        mask &= k_valid[:, None, :].astype(bool)
-    return mask
-
-
-def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention; softmax in float32.
-
-    q: `[batch, q, heads, d]`; k, v: `[batch, k, kv_heads, d]`; mask: `[batch, q, k]`.
-    Returns `[batch, q, heads, d]`.
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, None], logits * d**-0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
-
-
 # --- modules -------------------------------------------------------------------------------------
 
 def _sub(tree: Mapping | None, key: str) -> Any:
@@ -212,7 +190,8 @@ def _sub(tree: Mapping | None, key: str) -> Any:
 
 
 class Dense(nn.Module):
-    """Bias-free linear layer `x @ kernel` plus an optional LoRA update."""
+    """Bias-free linear layer `x @ kernel` plus an optional LoRA update; the kernel may be stored
+    quantized (`kernel_int8` or `kernel_int4` + `scale`, see `arc_jax.quantize`)."""
 
     features: int
     dtype: Any = jnp.float32
@@ -221,8 +200,13 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array, lora: Mapping | None = None,
                  lora_config: LoraConfig | None = None) -> Array:
-        kernel = self.param("kernel", nn.initializers.normal(0.02),
-                            (x.shape[-1], self.features), self.param_dtype)
+        quantized = {name: self.get_variable("params", name) for name in QUANTIZED
+                     if self.has_variable("params", name)}
+        if quantized:  # weight-only int8 / int4 (arc_jax.quantize), dequantized here
+            kernel = dequantize(quantized, self.dtype)
+        else:
+            kernel = self.param("kernel", nn.initializers.normal(0.02),
+                                (x.shape[-1], self.features), self.param_dtype)
         x = x.astype(self.dtype)
         y = x @ kernel.astype(self.dtype)
         if lora is not None:
@@ -270,6 +254,9 @@ class Attention(nn.Module):
     config: Phi3Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "blocked"
+    attention_block: int = 128
+    fresh_cache: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config):
@@ -282,17 +269,28 @@ class Attention(nn.Module):
         k = qkv[..., h * d: (h + kv) * d].reshape(b, t, kv, d)
         v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            k_pos = q_pos
-        else:
-            write = jax.vmap(lambda c, new, p: c.at[p].set(new.astype(c.dtype)))
+        if cache is not None:  # heads-major [b, kv, slots, d]: decoding reads it untransposed
+            write = jax.vmap(lambda c, new, p: c.at[:, p].set(new.swapaxes(0, 1).astype(c.dtype)))
             cache = {"k": write(cache["k"], k, positions), "v": write(cache["v"], v, positions)}
+        if cache is None or self.fresh_cache:  # attend over this call's keys, by token index
+            valid = k_valid if cache is None else positions >= 0
+            out = self._causal(q, k, v, valid)
+        else:
             k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
-            k_pos = jnp.arange(k.shape[1])[None]
-        mask = attention_mask(q_pos, k_pos, k_valid, cfg.sliding_window)
-        out = attend(q, k, v, mask).reshape(b, t, h * d)
+            k_pos = jnp.arange(k.shape[2])[None]
+            out = attend_cache(q, k, v, attention_mask(q_pos, k_pos, None, cfg.sliding_window))
+        out = out.reshape(b, t, h * d)
         out = dense(cfg.hidden_size, "o_proj")(out, _sub(lora, "o_proj"), lora_config)
         return out, cache
+
+    def _causal(self, q, k, v, valid):
+        window, block = self.config.sliding_window, self.attention_block
+        if self.attention == "blocked" and q.shape[1] > block:
+            return causal_attention(q, k, v, valid, window, block)
+        if self.attention == "dot_product":
+            return dot_product_causal(q, k, v, valid, window)
+        index = jnp.arange(q.shape[1])[None]
+        return attend(q, k, v, attention_mask(index, index, valid, window))
 
 
 class MLP(nn.Module):
@@ -316,13 +314,18 @@ class DecoderLayer(nn.Module):
     config: Phi3Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "blocked"
+    attention_block: int = 128
+    fresh_cache: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, **kw, name="input_layernorm")(x)
-        h, cache = Attention(self.config, **kw, name="self_attn")(
+        h, cache = Attention(self.config, **kw, attention=self.attention,
+                             attention_block=self.attention_block, fresh_cache=self.fresh_cache,
+                             name="self_attn")(
             h, cos, sin, q_pos, k_valid, positions, cache, _sub(lora, "self_attn"), lora_config)
         x = x + h
         h = RMSNorm(eps, **kw, name="post_attention_layernorm")(x)
@@ -337,13 +340,18 @@ class Phi3Model(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "blocked"
+    attention_block: int = 128
+    fresh_cache: bool = False
 
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-        self.layers = [layer(cfg, **kw) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [layer(cfg, **kw, attention=self.attention,
+                             attention_block=self.attention_block, fresh_cache=self.fresh_cache)
+                       for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
     def __call__(self, input_ids, positions, attention_mask, cache, lora, lora_config):
@@ -374,15 +382,32 @@ class Phi3(nn.Module):
 
     `dtype` is the compute dtype; `param_dtype` the dtype `init` creates (loaded params keep
     theirs and are cast to `dtype` on use). Norm statistics and softmax run in float32.
+    `remat` recomputes each decoder layer's activations in the backward pass.
+    `attention` (for calls without a cache; cached decoding always uses `attend`):
+    "blocked" (default) runs sequences longer than `attention_block` in causal query blocks with
+    a flash-style backward (`arc_jax.attention.causal_attention`); "xla" is the reference with
+    full score matrices; "dot_product" is `jax.nn.dot_product_attention` (cuDNN on GPU).
+    `fresh_cache=True` declares that a cache passed in holds nothing before this call's tokens
+    (a prefill, slot = position, padding at position -1), so the call attends over its own keys
+    with `attention` instead of over every cache slot.
     """
 
     config: Phi3Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "blocked"
+    attention_block: int = 128
+    fresh_cache: bool = False
+
+    def __post_init__(self):
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {self.attention!r}")
+        super().__post_init__()
 
     def setup(self):
-        self.model = Phi3Model(self.config, self.dtype, self.param_dtype, self.remat)
+        self.model = Phi3Model(self.config, self.dtype, self.param_dtype, self.remat,
+                               self.attention, self.attention_block, self.fresh_cache)
         if not self.config.tie_word_embeddings:
             self.lm_head = Dense(self.config.vocab_size, self.dtype, self.param_dtype)
 
@@ -431,7 +456,8 @@ def abstract_params(model: Phi3) -> Any:
 
 
 def init_cache(config: Phi3Config, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
-    """Empty KV cache: per layer `k`, `v` of shape `[batch, max_len, kv_heads, head_dim]`."""
-    shape = (batch, max_len, config.num_key_value_heads, config.dim_head)
+    """Empty KV cache: per layer `k`, `v` of shape `[batch, kv_heads, max_len, head_dim]` (heads
+    before slots, so a decoding step's attention reads the cache without transposing it)."""
+    shape = (batch, config.num_key_value_heads, max_len, config.dim_head)
     zeros = lambda: jnp.zeros(shape, dtype)
     return {f"layers_{i}": {"k": zeros(), "v": zeros()} for i in range(config.num_hidden_layers)}
