@@ -124,10 +124,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--workdir", default="")
-    parser.add_argument("--model", default="")
-    parser.add_argument("--batch-file", default="")
+    peers.add_side_args(parser)
     args = parser.parse_args()
     if args.side == "parent":
         parent(args)

@@ -126,3 +126,28 @@ def run_side(module: str, args: list[str], threads: int) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise RuntimeError(f"{module} {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+
+
+def add_side_args(parser) -> None:
+    """The arguments every parent/side benchmark takes: threads, work directory, and the model
+    and batch files the parent hands its sides."""
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--workdir", default="")
+    parser.add_argument("--model", default="")
+    parser.add_argument("--batch-file", default="")
+
+
+def peft_train_model(model_path: str, threads: int):
+    """The PyTorch peer: the saved Phi-3 with PEFT LoRA (`LORA`) on, in train mode, and its
+    trainable parameters."""
+    import peft
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    model = transformers.Phi3ForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+        target_modules=list(LORA["targets"])))
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad]

@@ -88,18 +88,10 @@ def build_jax(args, variant: str):
 def build_torch(args):
 
 
-    import peft
     import torch
-    import transformers
 
-    torch.set_num_threads(args.threads)
     b = peers.load_batch(args.batch_file)
-    model = transformers.Phi3ForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=peers.LORA["r"], lora_alpha=peers.LORA["alpha"], lora_dropout=0.0,
-        target_modules=list(peers.LORA["targets"])))
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    model, trainable = peers.peft_train_model(args.model, args.threads)
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     ids = torch.from_numpy(b["tokens"].astype("int64"))
     mask = torch.from_numpy(b["attention_mask"].astype("int64"))
@@ -182,12 +174,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory", action="store_true", help="also peak RSS, side by side")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--variants", default="default")
     parser.add_argument("--variant", default="default")
-    parser.add_argument("--workdir", default="")
-    parser.add_argument("--model", default="")
-    parser.add_argument("--batch-file", default="")
+    peers.add_side_args(parser)
     args = parser.parse_args()
     if args.side == "parent":
         parent(args)

@@ -109,16 +109,9 @@ def jax_side(args) -> dict:
 def torch_side(args) -> dict:
     import peft
     import torch
-    import transformers
 
-    torch.set_num_threads(args.threads)
     rows = peers.load_batch(args.batch_file)
-    model = transformers.Phi3ForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=peers.LORA["r"], lora_alpha=peers.LORA["alpha"], lora_dropout=0.0,
-        target_modules=list(peers.LORA["targets"])))
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    model, trainable = peers.peft_train_model(args.model, args.threads)
     n_steps, n_tasks = rows["tokens"].shape[:2]
     batch = lambda s, g: {
         "input_ids": torch.from_numpy(rows["tokens"][s, g].astype(np.int64)),
@@ -186,10 +179,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--workdir", default="")
-    parser.add_argument("--model", default="")
-    parser.add_argument("--batch-file", default="")
+    peers.add_side_args(parser)
     args = parser.parse_args()
     if args.side == "parent":
         parent(args)
