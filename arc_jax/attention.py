@@ -52,19 +52,18 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 
 def attend_cache(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """`attend` over a KV cache stored heads-major, so neither einsum transposes the cache.
+    """`attend` in the heads-major layout of the KV cache, so neither einsum transposes the cache.
 
-    q: `[batch, q, heads, d]`; k, v: `[batch, kv_heads, slots, d]`; mask: `[batch, q, slots]`.
-    Returns `[batch, q, heads, d]`.
+    q: `[batch, heads, q, d]`; k, v: `[batch, kv_heads, slots, d]`; mask: `[batch, q, slots]`.
+    Returns `[batch, heads, q, d]`.
     """
-    b, t, h, d = q.shape
+    b, h, t, d = q.shape
     kv = k.shape[1]
-    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, t, d]
+    q = q.reshape(b, kv, h // kv, t, d)
     logits = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=F32)
     logits = jnp.where(mask[:, None, None], logits * d**-0.5, NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v).reshape(b, h, t, d)
 
 
 # --- one query block: q [b, kv, g, tq, d] (pre-scaled), k, v [b, kv, s, d], mask [b, tq, s] ------
@@ -110,14 +109,27 @@ def causal_attention(q: Array, k: Array, v: Array, k_valid: Array | None,
 
     q: `[batch, t, heads, d]`; k, v: `[batch, t, kv_heads, d]`; k_valid: `[batch, t]` or None.
     Equals `attend(q, k, v, attention_mask(arange, arange, k_valid, sliding_window))`.
-    Blocks are `block` rows, or `ceil(t / MAX_BLOCKS)` when that is larger.
-    Returns `[batch, t, heads, d]`.
+    Returns `[batch, t, heads, d]`. See `causal_attention_heads` (what the model calls).
     """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
+    heads = lambda x: x.transpose(0, 2, 1, 3)
+    return heads(causal_attention_heads(heads(q), heads(k), heads(v), k_valid, sliding_window,
+                                        block))
+
+
+def causal_attention_heads(q: Array, k: Array, v: Array, k_valid: Array | None,
+                           sliding_window: int | None = None, block: int = 256) -> Array:
+    """`causal_attention` in heads-major layout: q `[batch, heads, t, d]`, k, v
+    `[batch, kv_heads, t, d]`, returns `[batch, heads, t, d]`.
+
+    Blocks are `block` rows, or `ceil(t / MAX_BLOCKS)` when that is larger. The inputs are
+    materialised once (an optimisation barrier): otherwise XLA fuses their producers (RoPE, the
+    layout change) into every block's key-prefix slice and recomputes them per block.
+    """
+    b, h, t, d = q.shape
+    kv = k.shape[1]
     block = max(block, -(-t // MAX_BLOCKS))  # bounded program size for long buckets
-    q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, kv, h // kv, t, d)
+    q, k, v = jax.lax.optimization_barrier((q, k, v))
     pos = jnp.arange(t)[None]
     outs = []
     for start in range(0, t, block):
@@ -126,7 +138,21 @@ def causal_attention(q: Array, k: Array, v: Array, k_valid: Array | None,
         mask = attention_mask(pos[:, start:stop], pos[:, :stop], valid, sliding_window)
         mask = jnp.broadcast_to(mask, (b, stop - start, stop))
         outs.append(_block_attend(q[:, :, :, start:stop], k[:, :, :stop], v[:, :, :stop], mask))
-    return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return jnp.concatenate(outs, axis=3).reshape(b, h, t, d)
+
+
+def attend_rows(q: Array, k: Array, v: Array, mask: Array, block: int = 128) -> Array:
+    """Some query rows against all keys, `block` rows at a time with the flash-style backward.
+
+    q: `[batch, heads, K, d]`; k, v: `[batch, kv_heads, T, d]`; mask: `[batch, K, T]`.
+    Returns `[batch, heads, K, d]`; no more than `[block, T]` scores per head exist at once.
+    """
+    b, h, n, d = q.shape
+    kv = k.shape[1]
+    q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, kv, h // kv, n, d)
+    outs = [_block_attend(q[:, :, :, i:i + block], k, v, mask[:, i:i + block])
+            for i in range(0, n, block)]
+    return jnp.concatenate(outs, axis=3).reshape(b, h, n, d)
 
 
 def dot_product_causal(q: Array, k: Array, v: Array, k_valid: Array | None,

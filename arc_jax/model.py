@@ -19,8 +19,9 @@ from arc_jax.attention import (  # noqa: F401  (attend, attention_mask: re-expor
     IMPLEMENTATIONS,
     attend,
     attend_cache,
+    attend_rows,
     attention_mask,
-    causal_attention,
+    causal_attention_heads,
     dot_product_causal,
 )
 from arc_jax.lora import LoraConfig, lora_delta
@@ -174,10 +175,10 @@ def rope_cos_sin(config: Phi3Config, positions: Array) -> tuple[Array, Array]:
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotates the first `rotary_dim` features of `x [batch, seq, heads, head_dim]`."""
+    """Rotates the first `rotary_dim` features of heads-major `x [batch, heads, seq, head_dim]`."""
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+    cos, sin = cos[:, None].astype(x.dtype), sin[:, None].astype(x.dtype)
     half = rot // 2
     rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
     return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
@@ -259,18 +260,23 @@ class Attention(nn.Module):
     fresh_cache: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config):
+    def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config,
+                 rows=None):
+        """rows: None, or token indices `[b, K]` (no cache): queries and output only there."""
         cfg, d = self.config, self.config.dim_head
         h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
         dense = lambda n, name: Dense(n, self.dtype, self.param_dtype, name=name)
         qkv = dense((h + 2 * kv) * d, "qkv_proj")(x, _sub(lora, "qkv_proj"), lora_config)
         b, t = x.shape[:2]
-        q = qkv[..., : h * d].reshape(b, t, h, d)
-        k = qkv[..., h * d: (h + kv) * d].reshape(b, t, kv, d)
-        v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # heads-major [b, kv, slots, d]: decoding reads it untransposed
-            write = jax.vmap(lambda c, new, p: c.at[:, p].set(new.swapaxes(0, 1).astype(c.dtype)))
+        # Heads-major [b, heads, t, d] from here on: the layout attention and the cache read.
+        q, k, v = jnp.split(qkv, [h * d, (h + kv) * d], axis=-1)
+        k, v = (z.reshape(b, t, kv, d).transpose(0, 2, 1, 3) for z in (k, v))
+        k = apply_rope(k, cos, sin)
+        if rows is not None:
+            return self._at_rows(q, k, v, cos, sin, k_valid, rows, lora, lora_config), None
+        q = apply_rope(q.reshape(b, t, h, d).transpose(0, 2, 1, 3), cos, sin)
+        if cache is not None:
+            write = jax.vmap(lambda c, new, p: c.at[:, p].set(new.astype(c.dtype)))
             cache = {"k": write(cache["k"], k, positions), "v": write(cache["v"], v, positions)}
         if cache is None or self.fresh_cache:  # attend over this call's keys, by token index
             valid = k_valid if cache is None else positions >= 0
@@ -279,18 +285,35 @@ class Attention(nn.Module):
             k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
             k_pos = jnp.arange(k.shape[2])[None]
             out = attend_cache(q, k, v, attention_mask(q_pos, k_pos, None, cfg.sliding_window))
-        out = out.reshape(b, t, h * d)
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, h * d)
         out = dense(cfg.hidden_size, "o_proj")(out, _sub(lora, "o_proj"), lora_config)
         return out, cache
 
+    def _at_rows(self, q, k, v, cos, sin, k_valid, rows, lora, lora_config):
+        """Queries `q [b, t, h·d]` taken at `rows [b, K]` only, against all keys -> `[b, K, d]`."""
+        cfg, d = self.config, self.config.dim_head
+        h, (b, k_rows) = cfg.num_attention_heads, rows.shape
+        take = jax.vmap(lambda z, i: z[i])
+        q = take(q, rows).reshape(b, k_rows, h, d).transpose(0, 2, 1, 3)
+        q = apply_rope(q, take(cos, rows), take(sin, rows))
+        keys = jnp.arange(k.shape[2])[None]
+        mask = attention_mask(rows, keys, k_valid, cfg.sliding_window)
+        out = attend_rows(q, k, v, mask, self.attention_block)
+        out = out.transpose(0, 2, 1, 3).reshape(b, k_rows, h * d)
+        return Dense(cfg.hidden_size, self.dtype, self.param_dtype, name="o_proj")(
+            out, _sub(lora, "o_proj"), lora_config)
+
     def _causal(self, q, k, v, valid):
+        """Heads-major q `[b, h, t, d]`, k, v `[b, kv, t, d]` -> `[b, h, t, d]`."""
         window, block = self.config.sliding_window, self.attention_block
-        if self.attention == "blocked" and q.shape[1] > block:
-            return causal_attention(q, k, v, valid, window, block)
+        if self.attention == "blocked" and q.shape[2] > block:
+            return causal_attention_heads(q, k, v, valid, window, block)
+        tokens_major = lambda x: x.transpose(0, 2, 1, 3)
+        q, k, v = tokens_major(q), tokens_major(k), tokens_major(v)
         if self.attention == "dot_product":
-            return dot_product_causal(q, k, v, valid, window)
+            return tokens_major(dot_product_causal(q, k, v, valid, window))
         index = jnp.arange(q.shape[1])[None]
-        return attend(q, k, v, attention_mask(index, index, valid, window))
+        return tokens_major(attend(q, k, v, attention_mask(index, index, valid, window)))
 
 
 class MLP(nn.Module):
@@ -319,14 +342,18 @@ class DecoderLayer(nn.Module):
     fresh_cache: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config):
+    def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config,
+                 rows=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, **kw, name="input_layernorm")(x)
         h, cache = Attention(self.config, **kw, attention=self.attention,
                              attention_block=self.attention_block, fresh_cache=self.fresh_cache,
                              name="self_attn")(
-            h, cos, sin, q_pos, k_valid, positions, cache, _sub(lora, "self_attn"), lora_config)
+            h, cos, sin, q_pos, k_valid, positions, cache, _sub(lora, "self_attn"), lora_config,
+            rows)
+        if rows is not None:  # from here on only the rows: [b, K, d]
+            x = jax.vmap(lambda z, i: z[i])(x, rows)
         x = x + h
         h = RMSNorm(eps, **kw, name="post_attention_layernorm")(x)
         x = x + MLP(self.config, **kw, name="mlp")(h, _sub(lora, "mlp"), lora_config)
@@ -354,8 +381,10 @@ class Phi3Model(nn.Module):
                        for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
-    def __call__(self, input_ids, positions, attention_mask, cache, lora, lora_config):
+    def __call__(self, input_ids, positions, attention_mask, cache, lora, lora_config, rows=None):
         b, t = input_ids.shape
+        if rows is not None and cache is not None:
+            raise ValueError("rows (hidden states at some tokens only) is for calls without cache")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         if cache is None:
@@ -368,10 +397,11 @@ class Phi3Model(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, positions)
         new_cache = None if cache is None else {}
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             name = f"layers_{i}"
             x, layer_cache = layer(x, cos, sin, q_pos, k_valid, positions, _sub(cache, name),
-                                   _sub(lora, name), lora_config)
+                                   _sub(lora, name), lora_config, rows if i == last else None)
             if cache is not None:
                 new_cache[name] = layer_cache
         return self.norm(x), new_cache
@@ -420,6 +450,7 @@ class Phi3(nn.Module):
         lora_config: LoraConfig | None = None,
         cache: Cache | None = None,
         return_hidden: bool = False,
+        rows: Array | None = None,
     ) -> Array | tuple[Array, Cache]:
         """Logits `[batch, seq, vocab]` (float32), or final normed hidden `[batch, seq, d]`.
 
@@ -427,9 +458,12 @@ class Phi3(nn.Module):
         attention_mask (1 = real token, right padding) only matters without a cache.
         With `cache` (see `init_cache`), K/V are written at slot = position and
         `(output, new_cache)` is returned. LoRA dropout runs only when `rngs={"dropout": key}`.
+        `rows [batch, K]` (token indices; no cache) returns the output at those tokens only,
+        `[batch, K, ...]`: the last layer then computes its queries, output projection and MLP
+        at those K tokens instead of all `seq` (a train step needs only the loss positions).
         """
         hidden, new_cache = self.model(input_ids, positions, attention_mask, cache,
-                                       _sub(lora, "model"), lora_config)
+                                       _sub(lora, "model"), lora_config, rows)
         out = hidden if return_hidden else self.logits(hidden, lora, lora_config)
         return out if cache is None else (out, new_cache)
 

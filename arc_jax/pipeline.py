@@ -167,6 +167,19 @@ def max_train_length(vocab: TokenVocab, fmt: GridFormat, train_shapes: np.ndarra
     )
 
 
+def max_target_tokens(vocab: TokenVocab, fmt: GridFormat, output_shapes: np.ndarray,
+                      multiple: int = 64) -> int:
+    """Loss tokens per training row (loss on the target only) for tasks whose train outputs have
+    `output_shapes [n, 2]`: the largest output in either orientation plus the answer suffix,
+    rounded up to `multiple` (the `max_loss_tokens` a train step projects, a bound on every
+    row's loss mask)."""
+    shapes = np.asarray(output_shapes).reshape(-1, 2)
+    longest = max(max(grid_length(vocab, fmt, s), grid_length(vocab, fmt, s[::-1]))
+                  for s in shapes)
+    n = longest + _piece_len(vocab, "answer_suffix")
+    return -(-n // multiple) * multiple
+
+
 def choose_bucket(length: int, buckets: Sequence[int]) -> int | None:
     """The smallest bucket that holds `length` tokens, or None."""
     return next((b for b in buckets if length <= b), None)

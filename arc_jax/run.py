@@ -34,7 +34,13 @@ from arc_jax.inference import EvalSettings, evaluate_tasks
 from arc_jax.lora import LoraConfig, init_lora, merge_lora
 from arc_jax.model import Phi3
 from arc_jax.peft_io import save_peft
-from arc_jax.pipeline import PipelineConfig, assign_buckets, grid_length, max_train_length
+from arc_jax.pipeline import (
+    PipelineConfig,
+    assign_buckets,
+    grid_length,
+    max_target_tokens,
+    max_train_length,
+)
 from arc_jax.task_arrays import TaskArrays, pad_tasks
 from arc_jax.tb import Writer, render_row
 from arc_jax.tiny_model import ensure_tiny_model
@@ -71,12 +77,20 @@ class Setup:
 
     @property
     def max_loss_tokens(self) -> int:
-        """Loss positions projected per row: the largest answer, or every token."""
+        """Loss positions projected per row for any task: a 30x30 answer, or every token."""
         if self.pipeline.loss_on == "all_outputs":
             return max(self.pipeline.buckets)
         fmt = self.pipeline.fmt
         return grid_length(self.vocab, fmt, (30, 30)) + int(
             self.vocab.piece_lens[PIECES.index("answer_suffix")])
+
+    def train_loss_tokens(self, tasks: Sequence[Task], seq_len: int) -> int:
+        """Loss positions projected per training row of `tasks` in bucket `seq_len`: their
+        largest train output plus the answer suffix (rounded up to 64), or every token."""
+        if self.pipeline.loss_on == "all_outputs":
+            return seq_len
+        shapes = np.asarray([p.output.shape for t in tasks for p in t.train])
+        return min(seq_len, max_target_tokens(self.vocab, self.pipeline.fmt, shapes))
 
 
 def task_seed(task_id: str) -> int:
@@ -140,9 +154,9 @@ def train_lengths(setup: Setup, tasks: Sequence[Task]) -> list[int]:
     return [max_train_length(setup.vocab, setup.pipeline.fmt, shapes(t)) for t in tasks]
 
 
-def _step_fns(setup: Setup) -> StepFns:
+def _step_fns(setup: Setup, max_loss_tokens: int) -> StepFns:
     return StepFns(model=setup.model, lora_config=setup.lora, make_batch=None,
-                   max_loss_tokens=setup.max_loss_tokens, grad_accum=setup.config.train.grad_accum)
+                   max_loss_tokens=max_loss_tokens, grad_accum=setup.config.train.grad_accum)
 
 
 def _check_finite(loss: np.ndarray, where: str, step: int) -> None:
@@ -230,11 +244,12 @@ def train_per_task(
     mesh = ttft.device_mesh(ttft.TASKS, devices)
     units = ttft.plan_units(groups, mesh.size, setup.config.ttft.tasks_per_device)
     optimizer = make_optimizer(settings.optim_config(setup.config))
-    base = _step_fns(setup)
     steps = setup.config.train.steps
     adapters: dict[int, Any] = {}
     finished = True
     for u, unit in enumerate(units):
+        base = _step_fns(setup, setup.train_loss_tokens(
+            [tasks[i] for i in unit.tasks], unit.seq_len))
         fns = ttft.per_task_fns(base, vocab=setup.vocab, cfg=setup.pipeline,
                                 seq_len=unit.seq_len, batch_size=setup.config.train.batch_size)
         step = ttft.per_task_step(fns, optimizer, mesh)
@@ -279,7 +294,8 @@ def train_joint(
     schedule = ttft.joint_bucket_schedule(groups, cfg.steps, setup.config.seed)
     step_fns = {
         b: ttft.joint_step(ttft.joint_fns(
-            _step_fns(setup), vocab=setup.vocab, cfg=setup.pipeline, seq_len=b,
+            _step_fns(setup, setup.train_loss_tokens([tasks[i] for i in groups[b]], b)),
+            vocab=setup.vocab, cfg=setup.pipeline, seq_len=b,
             batch_size=cfg.batch_size, mesh=mesh if mesh.size > 1 else None), optimizer)
         for b in groups
     }

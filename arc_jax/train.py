@@ -4,8 +4,9 @@ The step owns its data: it receives the padded task arrays and a PRNG key, runs 
 sample → augment → encode pipeline for `grad_accum` micro-batches (a `lax.scan`), and applies one
 optimizer update. Nothing leaves the device inside a step.
 
-The vocabulary projection runs only at loss positions: for each row the hidden states before the
-`max_loss_tokens` masked tokens are gathered first (`[B, K, d]` instead of `[B, T, d]`).
+Only loss positions reach the vocabulary: for each row the model returns the hidden states before
+its `max_loss_tokens` (K) masked tokens, `[B, K, d]` instead of `[B, T, d]`, and its last layer
+computes queries, output projection and MLP at those K tokens only (`Phi3(..., rows=...)`).
 """
 
 from __future__ import annotations
@@ -88,20 +89,20 @@ def masked_nll(
     Only `max_loss_tokens` (K) positions per row are projected to the vocabulary.
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    hidden = model.apply(
-        {"params": params}, batch.tokens, batch.positions, batch.attention_mask, lora=lora,
-        lora_config=lora_config, return_hidden=True, rngs=rngs)  # [B, T, d]
     seq_len = batch.tokens.shape[1]
     k = min(max_loss_tokens, seq_len - 1)
     mask = batch.loss_mask.at[:, 0].set(False)
 
     def select(row_mask):
-        (idx,) = jnp.nonzero(row_mask, size=k, fill_value=0)
+        (idx,) = jnp.nonzero(row_mask, size=k, fill_value=1)
         return idx, jnp.arange(k) < jnp.sum(row_mask)
 
     label_pos, valid = jax.vmap(select)(mask)  # [B, K]
+    hidden = model.apply(
+        {"params": params}, batch.tokens, batch.positions, batch.attention_mask, lora=lora,
+        lora_config=lora_config, return_hidden=True, rows=label_pos - 1, rngs=rngs)  # [B, K, d]
     rows = jnp.arange(hidden.shape[0])[:, None]
-    logits = project_logits(model, params, hidden[rows, label_pos - 1], lora, lora_config)
+    logits = project_logits(model, params, hidden, lora, lora_config)
     labels = batch.tokens[rows, label_pos]
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
         logits, labels[..., None], axis=-1)[..., 0]

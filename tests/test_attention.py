@@ -95,3 +95,39 @@ def test_blocked_prefill_decodes_as_reference():
     blocked, ref = run("blocked"), run("xla")
     np.testing.assert_array_equal(blocked.tokens, ref.tokens)
     np.testing.assert_allclose(blocked.logprobs, ref.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_rows_equal_full_output_gathered(window):
+    """`rows=` (last layer at some tokens only) equals the full forward gathered there, with grads
+    of a LoRA tree; `attend_rows` is exercised with several query blocks."""
+    from arc_jax.lora import LoraConfig, init_lora
+
+    config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=window)
+    ids = jax.random.randint(jax.random.key(7), (B, T), 0, 64)
+    valid = jnp.arange(T)[None] < LENGTHS[:, None]
+    model = Phi3(config, attention_block=4)
+    params = model.init(jax.random.key(8), ids)["params"]
+    lora_cfg = LoraConfig(rank=2, alpha=4.0)
+    lora = jax.tree.map(lambda x: x + 0.1, init_lora(jax.random.key(9), params, lora_cfg))
+    rows = jnp.asarray([[3, 17, 39, 0, 25, 8, 30, 12, 21, 5, 33],
+                        [0, 22, 5, 11, 2, 19, 14, 7, 1, 20, 9]])  # all real tokens
+    cot = jax.random.normal(jax.random.key(10), (*rows.shape, config.vocab_size))
+
+    def full(lora):
+        out = model.apply({"params": params}, ids, attention_mask=valid, lora=lora,
+                          lora_config=lora_cfg)
+        return jax.vmap(lambda z, i: z[i])(out, rows)
+
+    def some(lora):
+        return model.apply({"params": params}, ids, attention_mask=valid, lora=lora,
+                           lora_config=lora_cfg, rows=rows)
+
+    want, want_grad = jax.value_and_grad(lambda lora: jnp.sum(full(lora) * cot))(lora)
+    got, got_grad = jax.value_and_grad(lambda lora: jnp.sum(some(lora) * cot))(lora)
+    assert some(lora).shape == (*rows.shape, config.vocab_size)
+    np.testing.assert_allclose(some(lora), full(lora), atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -75,6 +75,36 @@ def test_peft_export_matches_and_imports_back(base, tmp_path, config):
     jax.tree.map(np.testing.assert_array_equal, lora2, lora)
 
 
+def test_grads_match_peft(base, tmp_path):
+    """LoRA's own VJP (`lora._low_rank`) against torch autograd through PEFT, with non-zero a, b."""
+    import torch
+    from safetensors.numpy import load_file
+
+    model, params, _ = base
+    config = LoraConfig(rank=4, alpha=8.0)
+    lora = _random_lora(jax.random.key(5), params, config)
+    weights = np.cos(np.arange(model.config.vocab_size, dtype=np.float32))
+
+    def loss(lora):
+        logits = model.apply({"params": params}, IDS, lora=lora, lora_config=config)
+        return jnp.sum(jnp.tanh(logits) * weights)
+
+    grads = jax.jit(jax.grad(loss))(lora)
+    save_peft(tmp_path / "adapter", lora, config)
+    save_peft(tmp_path / "grads", grads, config)  # same names and layout as the adapter
+    hf = peft.PeftModel.from_pretrained(hf_phi3.tiny_model(NAME), tmp_path / "adapter",
+                                        is_trainable=True)
+    logits = hf(input_ids=torch.from_numpy(IDS)).logits
+    (torch.tanh(logits) * torch.from_numpy(weights)).sum().backward()
+    want = load_file(tmp_path / "grads" / "adapter_model.safetensors")
+    got = {name: p.grad.numpy() for name, p in hf.named_parameters() if p.requires_grad}
+    assert len(want) == len(got) == 2 * 4 * model.config.num_hidden_layers
+    for name, grad in want.items():
+        torch_name = name.replace(".weight", ".default.weight")
+        scale = np.abs(grad).max()
+        np.testing.assert_allclose(got[torch_name], grad, atol=1e-4 * scale, rtol=0, err_msg=name)
+
+
 def test_merged_params_match(base):
     model, params, forward = base
     config = LoraConfig(rank=4, alpha=8.0)

@@ -16,6 +16,7 @@ from arc_jax.pipeline import (
     PipelineConfig,
     assign_buckets,
     choose_bucket,
+    max_target_tokens,
     max_train_length,
     train_batch,
 )
@@ -124,6 +125,12 @@ def test_max_train_length_bounds_every_sample(setup):
     assert np.all(np.asarray(out.length) <= bounds)
     # n-1 without transposition is exact: some sample reaches the bound for some task
     assert np.any(np.asarray(out.length) == bounds)
+    # the loss positions a train step projects cover every row's loss mask; tight up to rounding
+    loss_bounds = np.asarray([max_target_tokens(vocab, cfg.fmt, np.asarray(
+        [p.output.shape for p in tasks[t].train])) for t in np.asarray(idx)])
+    loss_tokens = np.asarray(out.loss_mask).sum(axis=1)
+    assert np.all(loss_tokens <= loss_bounds)
+    assert np.any(loss_bounds - loss_tokens < 64)
 
 
 def test_buckets_report_and_skip_or_keep_long_tasks(caplog):

@@ -6,6 +6,8 @@ Prompts are the prompt parts of real evaluation episodes (bucket `--seq-len`, en
 arc_jax gets them right-padded, transformers left-padded (its batched-generation layout), the same
 ids. No eos: both sides produce exactly `--new-tokens` tokens per row. Each side is timed for N
 new tokens and for 1 (the prefill); decode tokens/s = rows x (N - 1) / (t_N - t_1).
+`--jax-dtypes float32,bfloat16` adds arc_jax rows with the base and compute (and so the KV cache)
+in bfloat16; transformers stays float32.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ def _prompts(batch_file: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
 
 def jax_side(args) -> dict:
     import jax
+    import jax.numpy as jnp
 
     from arc_jax.convert import load_pretrained
     from arc_jax.generate import generate
 
-    model, params = load_pretrained(args.model)
+    dtype = jnp.dtype(args.dtype)
+    model, params = load_pretrained(args.model, dtype=dtype, compute_dtype=dtype)
     out = {}
     for rows in map(int, args.batches.split(",")):
         prompts, lengths = _prompts(args.batch_file, rows)
@@ -86,10 +90,13 @@ def parent(args) -> None:
     common = ["--model", model_dir, "--batch-file", batch_file, "--repeats", str(args.repeats),
               "--threads", str(args.threads), "--batches", args.batches,
               "--new-tokens", str(args.new_tokens)]
-    times: dict[str, dict[str, list[float]]] = {"torch": {}, "jax": {}}
+    dtypes = args.jax_dtypes.split(",")
+    times: dict[str, dict[str, list[float]]] = {"torch": {}, **{f"jax:{d}": {} for d in dtypes}}
     for _ in range(args.rounds):
         for side in times:
-            out = peers.run_side(MODULE, ["--side", side, *common], args.threads)
+            name, _, dtype = side.partition(":")
+            out = peers.run_side(MODULE, ["--side", name, "--dtype", dtype or "float32", *common],
+                                 args.threads)
             for key, ts in out.items():
                 times[side].setdefault(key, []).extend(ts)
             print(side, {k: round(peers.median(v), 3) for k, v in out.items()}, flush=True)
@@ -101,8 +108,10 @@ def parent(args) -> None:
         for side in times:
             t1, tn = (peers.median(times[side][f"{batch}_{k}"]) for k in (1, n))
             stats[side] = (t1, tn, batch * (n - 1) / (tn - t1))
-        for side, label in (("torch", "transformers generate"), ("jax", "arc_jax generate")):
+        for side in times:
             t1, tn, decode = stats[side]
+            label = "transformers generate" if side == "torch" else \
+                f"arc_jax generate {side.partition(':')[2]}"
             rows.append({
                 "impl": label, "size": args.size, "batch": batch,
                 "prompt tokens": int(lengths.mean()), "new tokens": n, "prefill s": round(t1, 3),
@@ -124,6 +133,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--jax-dtypes", default="float32", help="arc_jax rows, comma-separated")
+    parser.add_argument("--dtype", default="float32", help="(one arc_jax side)")
     peers.add_side_args(parser)
     args = parser.parse_args()
     if args.side == "parent":
