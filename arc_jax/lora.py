@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from arc_jax.quantize import KERNELS, kernel_shape
+
 Array = jax.Array
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -38,14 +40,15 @@ class LoraConfig:
 
 
 def lora_sites(base_params: Mapping, targets: Sequence[str]) -> list[tuple[str, ...]]:
-    """Paths (sorted) of the base layers named in `targets` that hold a `kernel`."""
+    """Paths (sorted) of the base layers named in `targets` that hold a kernel (plain or
+    quantized, see `arc_jax.quantize`)."""
     found = []
 
     def walk(tree, path):
         for key, value in tree.items():
             if not isinstance(value, Mapping):
                 continue
-            if key in targets and "kernel" in value:
+            if key in targets and any(k in value for k in KERNELS):
                 found.append((*path, key))
             else:
                 walk(value, (*path, key))
@@ -78,7 +81,7 @@ def init_lora(key: Array, base_params: Mapping, config: LoraConfig,
         raise ValueError(f"no base kernel matches LoRA targets {config.targets}")
     tree: dict = {}
     for site, k in zip(sites, jax.random.split(key, len(sites)), strict=True):
-        fan_in, fan_out = _get(base_params, site)["kernel"].shape
+        fan_in, fan_out = kernel_shape(_get(base_params, site))
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(k, (fan_in, config.rank), dtype, -bound, bound)
         _set(tree, site, {"a": a, "b": jnp.zeros((config.rank, fan_out), dtype)})

@@ -10,7 +10,8 @@
 with symmetric scales (`max|w| / 127`, `/ 7`). `model.Dense` recognises these entries and
 dequantizes the kernel to its compute dtype inside the jitted program, so the stored base shrinks
 ~4x (int8) or ~7x (int4) while LoRA adapters and activations keep full precision. Build LoRA
-adapters (`lora.init_lora`) from the unquantized params or their abstract shapes.
+adapters (`lora.init_lora`) before or after quantizing: `kernel_shape` gives the `[in, out]`
+either way.
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ def dequantize(layer: Mapping[str, Array], dtype: Any = jnp.float32) -> Array:
     n_groups, n_out = scale.shape
     grouped = q.reshape(n_groups, -1, n_out).astype(jnp.float32) * scale[:, None]
     return grouped.reshape(-1, n_out).astype(dtype)
+
+
+KERNELS = ("kernel", "kernel_int8", "kernel_int4")
+
+
+def kernel_shape(layer: Mapping[str, Any]) -> tuple[int, int]:
+    """`(in, out)` of a plain or quantized layer entry."""
+    if "kernel_int4" in layer:
+        packed = layer["kernel_int4"].shape
+        return 2 * packed[0], packed[1]
+    return tuple(layer["kernel_int8" if "kernel_int8" in layer else "kernel"].shape)
 
 
 def quantize_params(params: Mapping, mode: str, group: int = 64,

@@ -41,6 +41,7 @@ from arc_jax.pipeline import (
     max_target_tokens,
     max_train_length,
 )
+from arc_jax.quantize import dequantize_params, quantize_params
 from arc_jax.task_arrays import TaskArrays, pad_tasks
 from arc_jax.tb import Writer, render_row
 from arc_jax.tiny_model import ensure_tiny_model
@@ -116,6 +117,10 @@ def load_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     model, params = load_pretrained(
         config.model.path, dtype=settings.DTYPES[config.model.dtype],
         compute_dtype=settings.DTYPES[config.model.compute_dtype])
+    model = model.clone(attention=config.model.attention, remat=config.model.remat,
+                        attention_block=config.model.attention_block)
+    if config.model.quantize != "none":
+        params = quantize_params(params, config.model.quantize)
     tokenizer_path = config.model.tokenizer or (
         config.model.path if os.path.exists(os.path.join(config.model.path, "tokenizer.json"))
         or os.path.exists(os.path.join(config.model.path, "tokenizer_config.json"))
@@ -318,7 +323,8 @@ def export_model(setup: Setup, trainable: Any, directory: str) -> None:
     if setup.lora is not None:
         save_peft(os.path.join(directory, "adapter"), trainable, setup.lora,
                   base_model_name_or_path=setup.config.model.path)
-        params = merge_lora(setup.params, trainable, setup.lora)
+        params = merge_lora(dequantize_params(setup.params, setup.model.param_dtype),
+                            trainable, setup.lora)
     else:
         params = trainable
     save_pretrained(os.path.join(directory, "model"), setup.model, params)

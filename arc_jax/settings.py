@@ -8,6 +8,7 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
+from arc_jax.attention import IMPLEMENTATIONS
 from arc_jax.formats import GRID_FORMATS, LOSS_ON
 from arc_jax.lora import LoraConfig
 from arc_jax.pipeline import OVERFLOW, PipelineConfig
@@ -16,6 +17,7 @@ from arc_jax.train import SCHEDULES, OptimConfig
 MODES = ("finetune", "ttft", "evaluate")
 TTFT_MODES = ("joint", "per_task")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+QUANTIZE = ("none", "int8", "int4")
 
 
 class ConfigError(ValueError):
@@ -47,13 +49,16 @@ def check(config: ml_collections.ConfigDict) -> None:
     _choice(config, "ttft.mode", TTFT_MODES)
     _choice(config, "model.dtype", DTYPES)
     _choice(config, "model.compute_dtype", DTYPES)
+    _choice(config, "model.quantize", QUANTIZE)
+    _choice(config, "model.attention", IMPLEMENTATIONS)
     _choice(config, "data.grid_format", GRID_FORMATS)
     _choice(config, "data.loss_on", LOSS_ON)
     _choice(config, "data.overflow", OVERFLOW)
     _choice(config, "train.schedule", SCHEDULES)
     for key in ("train.steps", "train.batch_size", "train.grad_accum", "lora.rank",
                 "augment.n_leave_out", "eval.n_augmentations", "eval.batch_size",
-                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"):
+                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                "model.attention_block"):
         _at_least(config, key, 1)
     for key in ("data.max_tasks", "train.warmup_steps", "eval.top_k", "eval.temperature",
                 "ttft.tasks_per_device", "train.learning_rate", "lora.dropout"):
@@ -62,6 +67,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.augment.preserve_color_prob must be in [0, 1]")
     if not config.lora.enabled and config.mode != "finetune":
         raise ConfigError("config.lora.enabled = False (full fine-tuning) needs mode 'finetune'")
+    if not config.lora.enabled and config.model.quantize != "none":
+        raise ConfigError(f"config.model.quantize = {config.model.quantize!r} freezes a quantized "
+                          "base: it needs config.lora.enabled = True")
     if not buckets(config):
         raise ConfigError(
             f"config.data.buckets {tuple(config.data.buckets)} has no bucket <= "

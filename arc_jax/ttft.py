@@ -111,15 +111,21 @@ def init_per_task_states(
     init_trainable, optimizer: optax.GradientTransformation, task_ids: Sequence[int],
     key: jax.Array, mesh: Mesh,
 ) -> TrainState:
-    """Stacked states `[G]`, task `t`'s adapter from `fold_in(key, t)`, sharded over the mesh."""
-    keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.asarray(task_ids))
+    """Stacked states `[G]`, task `t`'s adapter from `fold_in(key, t)`, sharded over the mesh.
 
+    Compiled once per (`init_trainable`, optimizer, mesh): pass the same function to reuse it.
+    """
+    keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.asarray(task_ids))
+    return _init_states(keys, init_trainable, optimizer, NamedSharding(mesh, P(TASKS)))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_states(keys, init_trainable, optimizer, sharding) -> TrainState:
     def init(k):
         trainable = init_trainable(k)
         return TrainState(trainable, optimizer.init(trainable), jnp.zeros((), jnp.int32))
 
-    sharding = NamedSharding(mesh, P(TASKS))
-    return jax.jit(jax.vmap(init), out_shardings=sharding)(keys)
+    return jax.lax.with_sharding_constraint(jax.vmap(init)(keys), sharding)
 
 
 # ---------------------------------------------------------------------------------------------

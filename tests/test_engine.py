@@ -100,10 +100,32 @@ def test_command_line_quick_run_and_bad_keys(tmp_path):
     ("train.steps", 0, "config.train.steps"),
     ("augment.preserve_color_prob", 1.5, "preserve_color_prob"),
     ("data.max_seq_len", 100, "config.data.buckets"),
+    ("model.quantize", "int3", "config.model.quantize"),
+    ("model.attention", "flash", "config.model.attention"),
+    ("model.attention_block", 0, "config.model.attention_block"),
 ])
 def test_bad_config_values_name_the_key(key, value, message):
     with pytest.raises(settings.ConfigError, match=message.replace(".", r"\.")):
         settings.check(tiny("n_minus_1", **{key: value}))
+    with pytest.raises(settings.ConfigError, match="lora.enabled"):
+        settings.check(tiny("train_base_model", **{"model.quantize": "int8"}))
+
+
+def test_speed_options_from_the_config(tmp_path):
+    """int8 base + remat + small attention blocks: per-task TTFT, evaluation, then the adapter
+    merged into the dequantized base for export."""
+    config = tiny("n_minus_1", **{"model.quantize": "int8", "model.remat": True,
+                                  "model.attention_block": 64})
+    overall = run.train_and_evaluate(config, str(tmp_path))
+    assert overall is not None and np.isfinite(overall["val_loss"])
+    setup = run.load_setup(config, str(tmp_path / "again"))
+    assert setup.model.remat and setup.model.attention_block == 64
+    site = setup.params["model"]["layers_0"]["mlp"]["down_proj"]
+    assert set(site) == {"kernel_int8", "scale"}
+    lora = run.init_lora(jax.random.key(0), setup.params, setup.lora)
+    run.export_model(setup, lora, str(tmp_path / "export"))
+    model, params = load_pretrained(tmp_path / "export" / "model")
+    assert params["model"]["layers_0"]["mlp"]["down_proj"]["kernel"].dtype == np.float32
 
 
 def test_unknown_task_id_is_named(tmp_path):
