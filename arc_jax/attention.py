@@ -52,15 +52,15 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 
 def attend_cache(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """`attend` in the heads-major layout of the KV cache, so neither einsum transposes the cache.
+    """`attend` in the layouts of the KV cache, so neither product transposes the cache.
 
-    q: `[batch, heads, q, d]`; k, v: `[batch, kv_heads, slots, d]`; mask: `[batch, q, slots]`.
-    Returns `[batch, heads, q, d]`.
+    q: `[batch, heads, q, d]`; k: `[batch, kv_heads, d, slots]`; v: `[batch, kv_heads, slots, d]`;
+    mask: `[batch, q, slots]`. Returns `[batch, heads, q, d]`.
     """
     b, h, t, d = q.shape
     kv = k.shape[1]
     q = q.reshape(b, kv, h // kv, t, d)
-    logits = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=F32)
+    logits = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=F32)
     logits = jnp.where(mask[:, None, None], logits * d**-0.5, NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v).reshape(b, h, t, d)
