@@ -5,7 +5,7 @@
 keys `[0, (i+1)·block)` only, so the masked upper triangle is never computed, and no `[T, T]` score
 matrix exists — each block's `[block, (i+1)·block]` scores live only inside it. Its custom VJP
 saves the block's output and log-sum-exp (not the probabilities) and recomputes the scores in the
-backward pass, as FlashAttention does. On a 2-core CPU it is 3.2x (T=1024) to 4.6x (T=4096) faster
+backward pass, as FlashAttention does. On a 2-core CPU it is 2.9x (T=1024) to 5.4x (T=4096) faster
 than `attend` (forward + backward); see experiments/benchmarks/README.md.
 """
 

@@ -190,6 +190,11 @@ def _sub(tree: Mapping | None, key: str) -> Any:
     return None if tree is None else tree.get(key)
 
 
+def take_rows(x: Array, rows: Array) -> Array:
+    """`x [b, t, ...]` at token indices `rows [b, K]` -> `[b, K, ...]`."""
+    return jax.vmap(lambda z, i: z[i])(x, rows)
+
+
 class Dense(nn.Module):
     """Bias-free linear layer `x @ kernel` plus an optional LoRA update; the kernel may be stored
     quantized (`kernel_int8` or `kernel_int4` + `scale`, see `arc_jax.quantize`)."""
@@ -273,8 +278,19 @@ class Attention(nn.Module):
         k, v = (z.reshape(b, t, kv, d).transpose(0, 2, 1, 3) for z in (k, v))
         k = apply_rope(k, cos, sin)
         if rows is not None:
-            return self._at_rows(q, k, v, cos, sin, k_valid, rows, lora, lora_config), None
-        q = apply_rope(q.reshape(b, t, h, d).transpose(0, 2, 1, 3), cos, sin)
+            out, t = self._at_rows(q, k, v, cos, sin, k_valid, rows), rows.shape[1]
+        else:
+            out, cache = self._at_all(q, k, v, cos, sin, q_pos, k_valid, positions, cache)
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+        out = dense(cfg.hidden_size, "o_proj")(out, _sub(lora, "o_proj"), lora_config)
+        return out, cache
+
+    def _at_all(self, q, k, v, cos, sin, q_pos, k_valid, positions, cache):
+        """Queries `q [b, t, h·d]` at every token -> `[b, h, t, d]`, and the updated cache."""
+        cfg, d = self.config, self.config.dim_head
+        b, t = q.shape[:2]
+        q = apply_rope(q.reshape(b, t, cfg.num_attention_heads, d).transpose(0, 2, 1, 3),
+                       cos, sin)
         if cache is not None:  # k stored [b, kv, d, slots], v [b, kv, slots, d] (init_cache)
             write_k = jax.vmap(lambda c, new, p: c.at[:, :, p].set(
                 new.swapaxes(1, 2).astype(c.dtype)))
@@ -288,23 +304,17 @@ class Attention(nn.Module):
             k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
             k_pos = jnp.arange(v.shape[2])[None]
             out = attend_cache(q, k, v, attention_mask(q_pos, k_pos, None, cfg.sliding_window))
-        out = out.transpose(0, 2, 1, 3).reshape(b, t, h * d)
-        out = dense(cfg.hidden_size, "o_proj")(out, _sub(lora, "o_proj"), lora_config)
         return out, cache
 
-    def _at_rows(self, q, k, v, cos, sin, k_valid, rows, lora, lora_config):
-        """Queries `q [b, t, h·d]` taken at `rows [b, K]` only, against all keys -> `[b, K, d]`."""
+    def _at_rows(self, q, k, v, cos, sin, k_valid, rows):
+        """Queries `q [b, t, h·d]` at `rows [b, K]` only, against all keys -> `[b, h, K, d]`."""
         cfg, d = self.config, self.config.dim_head
-        h, (b, k_rows) = cfg.num_attention_heads, rows.shape
-        take = jax.vmap(lambda z, i: z[i])
-        q = take(q, rows).reshape(b, k_rows, h, d).transpose(0, 2, 1, 3)
-        q = apply_rope(q, take(cos, rows), take(sin, rows))
+        b, k_rows = rows.shape
+        q = take_rows(q, rows).reshape(b, k_rows, cfg.num_attention_heads, d).transpose(0, 2, 1, 3)
+        q = apply_rope(q, take_rows(cos, rows), take_rows(sin, rows))
         keys = jnp.arange(k.shape[2])[None]
         mask = attention_mask(rows, keys, k_valid, cfg.sliding_window)
-        out = attend_rows(q, k, v, mask, self.attention_block)
-        out = out.transpose(0, 2, 1, 3).reshape(b, k_rows, h * d)
-        return Dense(cfg.hidden_size, self.dtype, self.param_dtype, name="o_proj")(
-            out, _sub(lora, "o_proj"), lora_config)
+        return attend_rows(q, k, v, mask, self.attention_block)
 
     def _causal(self, q, k, v, valid):
         """Heads-major q `[b, h, t, d]`, k, v `[b, kv, t, d]` -> `[b, h, t, d]`."""
@@ -356,7 +366,7 @@ class DecoderLayer(nn.Module):
             h, cos, sin, q_pos, k_valid, positions, cache, _sub(lora, "self_attn"), lora_config,
             rows)
         if rows is not None:  # from here on only the rows: [b, K, d]
-            x = jax.vmap(lambda z, i: z[i])(x, rows)
+            x = take_rows(x, rows)
         x = x + h
         h = RMSNorm(eps, **kw, name="post_attention_layernorm")(x)
         x = x + MLP(self.config, **kw, name="mlp")(h, _sub(lora, "mlp"), lora_config)
@@ -416,7 +426,7 @@ class Phi3(nn.Module):
     `dtype` is the compute dtype; `param_dtype` the dtype `init` creates (loaded params keep
     theirs and are cast to `dtype` on use). Norm statistics and softmax run in float32.
     `remat` recomputes each decoder layer's activations in the backward pass.
-    `attention` (for calls without a cache; cached decoding always uses `attend`):
+    `attention` (for calls without a cache; cached decoding always uses `attend_cache`):
     "blocked" (default) runs sequences longer than `attention_block` in causal query blocks with
     a flash-style backward (`arc_jax.attention.causal_attention`); "xla" is the reference with
     full score matrices; "dot_product" is `jax.nn.dot_product_attention` (cuDNN on GPU).

@@ -136,11 +136,7 @@ def main() -> None:
     parser.add_argument("--jax-dtypes", default="float32", help="arc_jax rows, comma-separated")
     parser.add_argument("--dtype", default="float32", help="(one arc_jax side)")
     peers.add_side_args(parser)
-    args = parser.parse_args()
-    if args.side == "parent":
-        parent(args)
-    else:
-        peers.emit((jax_side if args.side == "jax" else torch_side)(args))
+    peers.dispatch(parser.parse_args(), parent, {"jax": jax_side, "torch": torch_side})
 
 
 if __name__ == "__main__":

@@ -137,6 +137,14 @@ def add_side_args(parser) -> None:
     parser.add_argument("--batch-file", default="")
 
 
+def dispatch(args, parent, sides: dict) -> None:
+    """`parent(args)` for `--side parent`, else the named side's result, emitted for the parent."""
+    if args.side == "parent":
+        parent(args)
+    else:
+        emit(sides[args.side](args))
+
+
 def peft_train_model(model_path: str, threads: int):
     """The PyTorch peer: the saved Phi-3 with PEFT LoRA (`LORA`) on, in train mode, and its
     trainable parameters."""

@@ -177,13 +177,9 @@ def main() -> None:
     parser.add_argument("--variants", default="default")
     parser.add_argument("--variant", default="default")
     peers.add_side_args(parser)
-    args = parser.parse_args()
-    if args.side == "parent":
-        parent(args)
-    elif args.side == "interleaved":
-        peers.emit(interleaved(args, args.variants.split(",")))
-    else:
-        peers.emit(side(args))
+    peers.dispatch(parser.parse_args(), parent, {
+        "interleaved": lambda args: interleaved(args, args.variants.split(",")),
+        "jax": side, "torch": side})
 
 
 if __name__ == "__main__":

@@ -180,11 +180,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1)
     peers.add_side_args(parser)
-    args = parser.parse_args()
-    if args.side == "parent":
-        parent(args)
-    else:
-        peers.emit((jax_side if args.side == "jax" else torch_side)(args))
+    peers.dispatch(parser.parse_args(), parent, {"jax": jax_side, "torch": torch_side})
 
 
 if __name__ == "__main__":
