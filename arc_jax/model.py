@@ -25,10 +25,14 @@ from arc_jax.attention import (  # noqa: F401  (attend, attention_mask: re-expor
     dot_product_causal,
 )
 from arc_jax.lora import LoraConfig, lora_delta
+from arc_jax.matmul import mixed_matmul
 from arc_jax.quantize import dequantize
 
 Array = jax.Array
 Cache = dict[str, dict[str, Array]]
+# Below this many rows (decoding) XLA:CPU's bfloat16 matrix-vector products are ~10x slower than
+# float32 ones, so `matmul_dtype` applies from here on.
+MIXED_MIN_ROWS = 16
 QUANTIZED = ("kernel_int8", "kernel_int4", "scale")
 
 
@@ -197,11 +201,13 @@ def take_rows(x: Array, rows: Array) -> Array:
 
 class Dense(nn.Module):
     """Bias-free linear layer `x @ kernel` plus an optional LoRA update; the kernel may be stored
-    quantized (`kernel_int8` or `kernel_int4` + `scale`, see `arc_jax.quantize`)."""
+    quantized (`kernel_int8` or `kernel_int4` + `scale`, see `arc_jax.quantize`). `matmul_dtype`:
+    the product's operand dtype, accumulated in float32 (`arc_jax.matmul`); None: `dtype`."""
 
     features: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    matmul_dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, lora: Mapping | None = None,
@@ -209,12 +215,15 @@ class Dense(nn.Module):
         quantized = {name: self.get_variable("params", name) for name in QUANTIZED
                      if self.has_variable("params", name)}
         if quantized:  # weight-only int8 / int4 (arc_jax.quantize), dequantized here
-            kernel = dequantize(quantized, self.dtype)
+            kernel = dequantize(quantized, self.matmul_dtype or self.dtype)
         else:
             kernel = self.param("kernel", nn.initializers.normal(0.02),
                                 (x.shape[-1], self.features), self.param_dtype)
         x = x.astype(self.dtype)
-        y = x @ kernel.astype(self.dtype)
+        if self.matmul_dtype is not None and x.size // x.shape[-1] >= MIXED_MIN_ROWS:
+            y = mixed_matmul(x, kernel, self.matmul_dtype).astype(self.dtype)
+        else:
+            y = x @ kernel.astype(self.dtype)
         if lora is not None:
             if lora_config is None:
                 raise ValueError("a lora tree needs its lora_config")
@@ -263,6 +272,7 @@ class Attention(nn.Module):
     attention: str = "blocked"
     attention_block: int = 128
     fresh_cache: bool = False
+    matmul_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config,
@@ -270,7 +280,8 @@ class Attention(nn.Module):
         """rows: None, or token indices `[b, K]` (no cache): queries and output only there."""
         cfg, d = self.config, self.config.dim_head
         h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        dense = lambda n, name: Dense(n, self.dtype, self.param_dtype, name=name)
+        dense = lambda n, name: Dense(n, self.dtype, self.param_dtype, self.matmul_dtype,
+                                      name=name)
         qkv = dense((h + 2 * kv) * d, "qkv_proj")(x, _sub(lora, "qkv_proj"), lora_config)
         b, t = x.shape[:2]
         # Heads-major [b, heads, t, d] from here on: the layout attention and the cache read.
@@ -292,9 +303,14 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(b, t, cfg.num_attention_heads, d).transpose(0, 2, 1, 3),
                        cos, sin)
         if cache is not None:  # k stored [b, kv, d, slots], v [b, kv, slots, d] (init_cache)
-            write_k = jax.vmap(lambda c, new, p: c.at[:, :, p].set(
-                new.swapaxes(1, 2).astype(c.dtype)))
-            write_v = jax.vmap(lambda c, new, p: c.at[:, p].set(new.astype(c.dtype)))
+            # Each token is written twice (same slot, same value): a one-token write is then
+            # still a scatter, which XLA:CPU updates in place, where the dynamic-update-slice it
+            # becomes otherwise made XLA copy the layer's whole cache about three times a step.
+            twice = lambda x: jnp.concatenate([x, x], axis=-2)
+            write_k = jax.vmap(lambda c, new, p: c.at[:, :, jnp.concatenate([p, p])].set(
+                twice(new).swapaxes(1, 2).astype(c.dtype)))
+            write_v = jax.vmap(lambda c, new, p: c.at[:, jnp.concatenate([p, p])].set(
+                twice(new).astype(c.dtype)))
             cache = {"k": write_k(cache["k"], k, positions),
                      "v": write_v(cache["v"], v, positions)}
         if cache is None or self.fresh_cache:  # attend over this call's keys, by token index
@@ -333,6 +349,7 @@ class MLP(nn.Module):
     config: Phi3Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    matmul_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, lora, lora_config):
@@ -340,9 +357,11 @@ class MLP(nn.Module):
         act = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_new": jax.nn.gelu,
                "relu": jax.nn.relu}[cfg.hidden_act]
         gate_up = Dense(2 * cfg.intermediate_size, self.dtype, self.param_dtype,
-                        name="gate_up_proj")(x, _sub(lora, "gate_up_proj"), lora_config)
+                        self.matmul_dtype, name="gate_up_proj")(
+            x, _sub(lora, "gate_up_proj"), lora_config)
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        return Dense(cfg.hidden_size, self.dtype, self.param_dtype, name="down_proj")(
+        return Dense(cfg.hidden_size, self.dtype, self.param_dtype, self.matmul_dtype,
+                     name="down_proj")(
             up * act(gate), _sub(lora, "down_proj"), lora_config)
 
 
@@ -353,6 +372,7 @@ class DecoderLayer(nn.Module):
     attention: str = "blocked"
     attention_block: int = 128
     fresh_cache: bool = False
+    matmul_dtype: Any = None
 
     @nn.compact
     def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config,
@@ -362,14 +382,15 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(eps, **kw, name="input_layernorm")(x)
         h, cache = Attention(self.config, **kw, attention=self.attention,
                              attention_block=self.attention_block, fresh_cache=self.fresh_cache,
-                             name="self_attn")(
+                             matmul_dtype=self.matmul_dtype, name="self_attn")(
             h, cos, sin, q_pos, k_valid, positions, cache, _sub(lora, "self_attn"), lora_config,
             rows)
         if rows is not None:  # from here on only the rows: [b, K, d]
             x = take_rows(x, rows)
         x = x + h
         h = RMSNorm(eps, **kw, name="post_attention_layernorm")(x)
-        x = x + MLP(self.config, **kw, name="mlp")(h, _sub(lora, "mlp"), lora_config)
+        x = x + MLP(self.config, **kw, matmul_dtype=self.matmul_dtype, name="mlp")(
+            h, _sub(lora, "mlp"), lora_config)
         return x, cache
 
 
@@ -383,6 +404,7 @@ class Phi3Model(nn.Module):
     attention: str = "blocked"
     attention_block: int = 128
     fresh_cache: bool = False
+    matmul_dtype: Any = None
 
     def setup(self):
         cfg = self.config
@@ -390,7 +412,8 @@ class Phi3Model(nn.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         self.layers = [layer(cfg, **kw, attention=self.attention,
-                             attention_block=self.attention_block, fresh_cache=self.fresh_cache)
+                             attention_block=self.attention_block, fresh_cache=self.fresh_cache,
+                             matmul_dtype=self.matmul_dtype)
                        for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
@@ -433,6 +456,8 @@ class Phi3(nn.Module):
     `fresh_cache=True` declares that a cache passed in holds nothing before this call's tokens
     (a prefill, slot = position, padding at position -1), so the call attends over its own keys
     with `attention` instead of over every cache slot.
+    `matmul_dtype` (e.g. bfloat16 with float32 `dtype`): the linear layers' operand dtype, products
+    accumulated and returned in float32 (`arc_jax.matmul.mixed_matmul`); None: `dtype`.
     """
 
     config: Phi3Config
@@ -442,6 +467,7 @@ class Phi3(nn.Module):
     attention: str = "blocked"
     attention_block: int = 128
     fresh_cache: bool = False
+    matmul_dtype: Any = None
 
     def __post_init__(self):
         if self.attention not in IMPLEMENTATIONS:
@@ -450,9 +476,11 @@ class Phi3(nn.Module):
 
     def setup(self):
         self.model = Phi3Model(self.config, self.dtype, self.param_dtype, self.remat,
-                               self.attention, self.attention_block, self.fresh_cache)
+                               self.attention, self.attention_block, self.fresh_cache,
+                               self.matmul_dtype)
         if not self.config.tie_word_embeddings:
-            self.lm_head = Dense(self.config.vocab_size, self.dtype, self.param_dtype)
+            self.lm_head = Dense(self.config.vocab_size, self.dtype, self.param_dtype,
+                                 self.matmul_dtype)
 
     def __call__(
         self,

@@ -117,8 +117,10 @@ def load_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     model, params = load_pretrained(
         config.model.path, dtype=settings.DTYPES[config.model.dtype],
         compute_dtype=settings.DTYPES[config.model.compute_dtype])
+    matmul = config.model.matmul_dtype
     model = model.clone(attention=config.model.attention, remat=config.model.remat,
-                        attention_block=config.model.attention_block)
+                        attention_block=config.model.attention_block,
+                        matmul_dtype=None if matmul == "compute" else settings.DTYPES[matmul])
     if config.model.quantize != "none":
         params = quantize_params(params, config.model.quantize)
     tokenizer_path = config.model.tokenizer or (

@@ -49,6 +49,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     _choice(config, "ttft.mode", TTFT_MODES)
     _choice(config, "model.dtype", DTYPES)
     _choice(config, "model.compute_dtype", DTYPES)
+    _choice(config, "model.matmul_dtype", ("compute", *DTYPES))
     _choice(config, "model.quantize", QUANTIZE)
     _choice(config, "model.attention", IMPLEMENTATIONS)
     _choice(config, "data.grid_format", GRID_FORMATS)

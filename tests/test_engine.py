@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -102,6 +103,7 @@ def test_command_line_quick_run_and_bad_keys(tmp_path):
     ("data.max_seq_len", 100, "config.data.buckets"),
     ("model.quantize", "int3", "config.model.quantize"),
     ("model.attention", "flash", "config.model.attention"),
+    ("model.matmul_dtype", "int8", "config.model.matmul_dtype"),
     ("model.attention_block", 0, "config.model.attention_block"),
 ])
 def test_bad_config_values_name_the_key(key, value, message):
@@ -112,14 +114,15 @@ def test_bad_config_values_name_the_key(key, value, message):
 
 
 def test_speed_options_from_the_config(tmp_path):
-    """int8 base + remat + small attention blocks: per-task TTFT, evaluation, then the adapter
-    merged into the dequantized base for export."""
+    """int8 base + bfloat16 matmuls + remat + small attention blocks: per-task TTFT, evaluation,
+    then the adapter merged into the dequantized base for export."""
     config = tiny("n_minus_1", **{"model.quantize": "int8", "model.remat": True,
-                                  "model.attention_block": 64})
+                                  "model.attention_block": 64, "model.matmul_dtype": "bfloat16"})
     overall = run.train_and_evaluate(config, str(tmp_path))
     assert overall is not None and np.isfinite(overall["val_loss"])
     setup = run.load_setup(config, str(tmp_path / "again"))
     assert setup.model.remat and setup.model.attention_block == 64
+    assert setup.model.matmul_dtype == jnp.bfloat16
     site = setup.params["model"]["layers_0"]["mlp"]["down_proj"]
     assert set(site) == {"kernel_int8", "scale"}
     lora = run.init_lora(jax.random.key(0), setup.params, setup.lora)

@@ -27,6 +27,8 @@ VARIANTS = {
     "naive_attention": {"attention": "xla"},
     "remat": {"remat": True},
     "bf16": {"dtype": "bfloat16"},
+    "bf16_matmul": {"matmul": "bfloat16"},
+    "int8_bf16_matmul": {"quant": "int8", "matmul": "bfloat16"},
     "int8": {"quant": "int8"},
     "int4": {"quant": "int4"},
 }
@@ -48,7 +50,8 @@ def build_jax(args, variant: str):
     opts = VARIANTS[variant]
     dtype = jnp.dtype(opts.get("dtype", "float32"))
     model, params = load_pretrained(args.model)
-    model = Phi3(model.config, dtype=dtype, remat=opts.get("remat", False),
+    matmul = jnp.dtype(opts["matmul"]) if "matmul" in opts else None
+    model = Phi3(model.config, dtype=dtype, remat=opts.get("remat", False), matmul_dtype=matmul,
                  **({"attention": opts["attention"]} if "attention" in opts else {}))
     if dtype != jnp.float32:
         params = jax.tree.map(lambda x: x.astype(dtype), params)

@@ -1,6 +1,7 @@
 """Per-task TTFT of G tasks x S steps: arc_jax per-task mode vs a sequential PEFT loop over tasks.
 
-    python -m experiments.benchmarks.ttft_per_task --size d512 --tasks 8 --steps 4 --rows 1
+    python -m experiments.benchmarks.ttft_per_task --size d512 --tasks 8 --steps 4 --rows 1 \
+        --jax-matmuls compute,bfloat16
 
 arc_jax: `ttft.per_task_step` (shard_map over the `tasks` mesh — one CPU device here — and vmap of
 the G adapters over one shared base), each task's rows sampled, augmented and encoded on device
@@ -8,6 +9,8 @@ every step. PEFT: for each task in turn a fresh adapter and AdamW, S steps on ex
 rows (the parent draws them with the per-task keys `ttft` uses and hands them to both sides).
 Both sides: same Phi-3, LoRA r=32 on all linear targets, same threads. Time excludes compilation
 (arc_jax runs one warm-up step on throw-away states first; PEFT one warm-up step).
+`--jax-matmuls compute,bfloat16` adds an arc_jax row per `model.matmul_dtype` (bfloat16: the
+linear layers' products in bfloat16 with float32 accumulation, `arc_jax.matmul`).
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def jax_side(args) -> dict:
     )
 
     model, params = load_pretrained(args.model)
+    if args.matmul != "compute":
+        model = model.clone(matmul_dtype=jnp.dtype(args.matmul))
     vocab, cfg, data, ids = _setup(args.seq_len, args.tasks)
     rows = peers.load_batch(args.batch_file)
     loss_tokens = int(rows["loss_mask"].sum(-1).max())
@@ -148,15 +153,20 @@ def parent(args) -> None:
               "--threads", str(args.threads), "--tasks", str(args.tasks), "--steps",
               str(args.steps), "--rows", str(args.rows), "--seq-len", str(args.seq_len),
               "--seed", str(args.seed)]
-    times: dict[str, list[float]] = {"torch": [], "jax": []}
+    matmuls = args.jax_matmuls.split(",")
+    times: dict[str, list[float]] = {"torch": [], **{f"jax:{m}": [] for m in matmuls}}
     for _ in range(args.rounds):
         for side in times:
-            out = peers.run_side(MODULE, ["--side", side, *common], args.threads)
+            name, _, matmul = side.partition(":")
+            out = peers.run_side(MODULE, ["--side", name, "--matmul", matmul or "compute",
+                                          *common], args.threads)
             times[side] += out["times"]
             print(f"{side}: median {peers.median(out['times']):.2f} s", flush=True)
     torch_s = peers.median(times["torch"])
     rows = []
-    for side, label in (("torch", "PEFT, tasks in sequence"), ("jax", "arc_jax per_task")):
+    labels = {"torch": "PEFT, tasks in sequence", "jax:compute": "arc_jax per_task"}
+    for side in times:
+        label = labels.get(side, f"arc_jax per_task, {side[4:]} matmuls")
         s = peers.median(times[side])
         rows.append({"impl": label, "size": args.size, "bucket": args.seq_len,
                      "tasks x steps x rows": f"{args.tasks} x {args.steps} x {args.rows}",
@@ -179,6 +189,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--jax-matmuls", default="compute", help="arc_jax rows: model.matmul_dtype")
+    parser.add_argument("--matmul", default="compute", help="(one arc_jax side)")
     peers.add_side_args(parser)
     peers.dispatch(parser.parse_args(), parent, {"jax": jax_side, "torch": torch_side})
 
