@@ -303,14 +303,16 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(b, t, cfg.num_attention_heads, d).transpose(0, 2, 1, 3),
                        cos, sin)
         if cache is not None:  # k stored [b, kv, d, slots], v [b, kv, slots, d] (init_cache)
-            # Each token is written twice (same slot, same value): a one-token write is then
-            # still a scatter, which XLA:CPU updates in place, where the dynamic-update-slice it
-            # becomes otherwise made XLA copy the layer's whole cache about three times a step.
-            twice = lambda x: jnp.concatenate([x, x], axis=-2)
-            write_k = jax.vmap(lambda c, new, p: c.at[:, :, jnp.concatenate([p, p])].set(
-                twice(new).swapaxes(1, 2).astype(c.dtype)))
-            write_v = jax.vmap(lambda c, new, p: c.at[:, jnp.concatenate([p, p])].set(
-                twice(new).astype(c.dtype)))
+            # A single token (one row, one position) is written twice (same slot, same value):
+            # the write then stays a scatter, which XLA:CPU updates in place, where the
+            # dynamic-update-slice it becomes otherwise made XLA copy the layer's whole cache
+            # about three times per decoding step.
+            n = 2 if positions.size == 1 else 1
+            again = lambda x, axis: jnp.concatenate([x] * n, axis=axis)
+            write_k = jax.vmap(lambda c, new, p: c.at[:, :, again(p, 0)].set(
+                again(new, 1).swapaxes(1, 2).astype(c.dtype)))
+            write_v = jax.vmap(lambda c, new, p: c.at[:, again(p, 0)].set(
+                again(new, 1).astype(c.dtype)))
             cache = {"k": write_k(cache["k"], k, positions),
                      "v": write_v(cache["v"], v, positions)}
         if cache is None or self.fresh_cache:  # attend over this call's keys, by token index
