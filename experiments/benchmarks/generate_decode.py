@@ -7,7 +7,8 @@ arc_jax gets them right-padded, transformers left-padded (its batched-generation
 ids. No eos: both sides produce exactly `--new-tokens` tokens per row. Each side is timed for N
 new tokens and for 1 (the prefill); decode tokens/s = rows x (N - 1) / (t_N - t_1).
 `--jax-dtypes float32,bfloat16` adds arc_jax rows with the base and compute (and so the KV cache)
-in bfloat16; transformers stays float32.
+in bfloat16; transformers stays float32. An entry `float32+bf16_matmul` runs the float32 model
+with `matmul_dtype=bfloat16` (bf16 operands, f32 accumulation, from `model.MIXED_MIN_ROWS` rows).
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ def jax_side(args) -> dict:
     from arc_jax.convert import load_pretrained
     from arc_jax.generate import generate
 
-    dtype = jnp.dtype(args.dtype)
+    name, _, matmul = args.dtype.partition("+")
+    dtype = jnp.dtype(name)
     model, params = load_pretrained(args.model, dtype=dtype, compute_dtype=dtype)
+    if matmul:
+        if matmul != "bf16_matmul":
+            raise ValueError(f"--dtype {args.dtype!r}: the part after '+' must be bf16_matmul")
+        model = model.clone(matmul_dtype=jnp.bfloat16)
     out = {}
     for rows in map(int, args.batches.split(",")):
         prompts, lengths = _prompts(args.batch_file, rows)
