@@ -213,18 +213,20 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array, lora: Mapping | None = None,
                  lora_config: LoraConfig | None = None) -> Array:
+        mixed = self.matmul_dtype is not None and x.size // x.shape[-1] >= MIXED_MIN_ROWS
+        operands = self.matmul_dtype if mixed else self.dtype
         quantized = {name: self.get_variable("params", name) for name in QUANTIZED
                      if self.has_variable("params", name)}
         if quantized:  # weight-only int8 / int4 (arc_jax.quantize), dequantized here
-            kernel = dequantize(quantized, self.matmul_dtype or self.dtype)
+            kernel = dequantize(quantized, operands)
         else:
             kernel = self.param("kernel", nn.initializers.normal(0.02),
                                 (x.shape[-1], self.features), self.param_dtype)
         x = x.astype(self.dtype)
-        if self.matmul_dtype is not None and x.size // x.shape[-1] >= MIXED_MIN_ROWS:
-            y = mixed_matmul(x, kernel, self.matmul_dtype).astype(self.dtype)
+        if mixed:
+            y = mixed_matmul(x, kernel, operands).astype(self.dtype)
         else:
-            y = x @ kernel.astype(self.dtype)
+            y = x @ kernel.astype(operands)
         if lora is not None:
             if lora_config is None:
                 raise ValueError("a lora tree needs its lora_config")
