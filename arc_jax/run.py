@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -24,29 +23,31 @@ import tqdm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from arc_jax import checkpoint, settings, ttft
-from arc_jax.convert import load_pretrained, save_pretrained
-from arc_jax.data import Task, load_tasks
-from arc_jax.encode import check_device_encoding
-from arc_jax.evaluate import evaluate, write_results
-from arc_jax.formats import PromptTemplate
-from arc_jax.inference import EvalSettings, evaluate_tasks
-from arc_jax.lora import LoraConfig, init_lora, merge_lora
-from arc_jax.model import Phi3
-from arc_jax.peft_io import save_peft
-from arc_jax.pipeline import (
+from arc_jax import settings
+from arc_jax.atomic import write_json_atomic
+from arc_jax.data.arrays import TaskArrays, pad_tasks
+from arc_jax.data.encode import check_device_encoding
+from arc_jax.data.formats import PromptTemplate
+from arc_jax.data.pipeline import (
     PipelineConfig,
     assign_buckets,
     grid_length,
     max_target_tokens,
     max_train_length,
 )
-from arc_jax.quantize import dequantize_params, quantize_params
-from arc_jax.task_arrays import TaskArrays, pad_tasks
-from arc_jax.tb import Writer, render_row
-from arc_jax.tiny_model import ensure_tiny_model
-from arc_jax.tokenizer import PIECES, SHIPPED_TOKENIZER_DIR, TokenVocab, load_tokenizer
-from arc_jax.train import StepFns, init_state, make_optimizer
+from arc_jax.data.tasks import Task, load_tasks
+from arc_jax.data.tokenizer import PIECES, SHIPPED_TOKENIZER_DIR, TokenVocab, load_tokenizer
+from arc_jax.infer.evaluate import evaluate, write_results
+from arc_jax.infer.inference import EvalSettings, evaluate_tasks
+from arc_jax.model.convert import load_pretrained, save_pretrained
+from arc_jax.model.lora import LoraConfig, init_lora, merge_lora
+from arc_jax.model.peft_io import save_peft
+from arc_jax.model.phi3 import Phi3
+from arc_jax.model.quantize import dequantize_params, quantize_params
+from arc_jax.model.tiny import ensure_tiny_model
+from arc_jax.train import checkpoint, ttft
+from arc_jax.train.step import StepFns, init_state, make_optimizer
+from arc_jax.train.tensorboard import Writer, render_row
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +100,14 @@ def task_seed(task_id: str) -> int:
     return zlib.crc32(task_id.encode()) & 0x7FFFFFFF
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
 
 def load_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Checks the config, writes it to the workdir, loads model, tokenizer and the bridge."""
     settings.check(config)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+        write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict(), indent=2,
+                          sort_keys=True)
     if ensure_tiny_model(config.model.path):
         log.warning("created the placeholder tiny random model at %s", config.model.path)
     model, params = load_pretrained(
@@ -198,7 +194,7 @@ class _Progress:
 
 
 def _lr(setup: Setup, step: int) -> float:
-    from arc_jax.train import learning_rate_schedule
+    from arc_jax.train.step import learning_rate_schedule
 
     return float(learning_rate_schedule(settings.optim_config(setup.config))(step))
 

@@ -8,11 +8,11 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
-from arc_jax.attention import IMPLEMENTATIONS
-from arc_jax.formats import GRID_FORMATS, LOSS_ON
-from arc_jax.lora import LoraConfig
-from arc_jax.pipeline import OVERFLOW, PipelineConfig
-from arc_jax.train import SCHEDULES, OptimConfig
+from arc_jax.data.formats import GRID_FORMATS, LOSS_ON
+from arc_jax.data.pipeline import OVERFLOW, PipelineConfig
+from arc_jax.model.attention import IMPLEMENTATIONS
+from arc_jax.model.lora import LoraConfig
+from arc_jax.train.step import SCHEDULES, OptimConfig
 
 MODES = ("finetune", "ttft", "evaluate")
 TTFT_MODES = ("joint", "per_task")

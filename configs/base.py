@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # parameter dtype of the frozen base: float32 | bfloat16
     c.model.compute_dtype = "float32"  # activations: float32 | bfloat16
     c.model.matmul_dtype = "compute"  # linear layers' operands: compute (= compute_dtype) |
-    # bfloat16 (accumulated in float32; 2-4x faster GEMMs on AMX CPUs, see arc_jax.matmul)
+    # bfloat16 (accumulated in float32; 2-4x faster GEMMs on AMX CPUs, see arc_jax.model.matmul)
     c.model.quantize = "none"  # weight-only frozen base: none | int8 | int4 (LoRA only)
     c.model.attention = "blocked"  # blocked | xla | dot_product (cuDNN's fused kernel on GPU)
     c.model.attention_block = 128  # query rows per block of "blocked"

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arc_jax.attention import attend, attention_mask, causal_attention, dot_product_causal
-from arc_jax.model import Phi3, Phi3Config
+from arc_jax.model.attention import attend, attention_mask, causal_attention, dot_product_causal
+from arc_jax.model.phi3 import Phi3, Phi3Config
 
 B, T, H, KV, D = 2, 40, 4, 2, 8
 LENGTHS = np.asarray([40, 23])  # right padding in row 1
@@ -83,7 +83,7 @@ def test_model_paths_equal_reference(attention):
 
 def test_blocked_prefill_decodes_as_reference():
     """`generate`'s prefill over a fresh cache, blockwise, gives the reference's tokens."""
-    from arc_jax.generate import generate
+    from arc_jax.infer.generate import generate
 
     config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -101,7 +101,7 @@ def test_blocked_prefill_decodes_as_reference():
 def test_rows_equal_full_output_gathered(window):
     """`rows=` (last layer at some tokens only) equals the full forward gathered there, with grads
     of a LoRA tree; `attend_rows` is exercised with several query blocks."""
-    from arc_jax.lora import LoraConfig, init_lora
+    from arc_jax.model.lora import LoraConfig, init_lora
 
     config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, sliding_window=window)

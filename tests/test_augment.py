@@ -1,4 +1,4 @@
-"""Tests for arc_jax.augment and arc_jax.sample."""
+"""Tests for arc_jax.data.augment and arc_jax.data.sample."""
 
 import functools
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arc_jax.augment import (
+from arc_jax.data.augment import (
     DIHEDRAL_INVERSE,
     DIHEDRAL_SWAPS_AXES,
     Augmentation,
@@ -23,7 +23,7 @@ from arc_jax.augment import (
     invert_augmentation_np,
     sample_augmentation,
 )
-from arc_jax.sample import augment_episode, eval_episode, gather_episode, sample_episode
+from arc_jax.data.sample import augment_episode, eval_episode, gather_episode, sample_episode
 
 SETTINGS = settings(max_examples=40, deadline=None)
 MAX_PAIRS = 10

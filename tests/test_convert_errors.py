@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from arc_jax.convert import CheckpointError, load_pretrained, save_pretrained
-from arc_jax.lora import LoraConfig, init_lora
-from arc_jax.model import Phi3, Phi3Config
-from arc_jax.peft_io import load_peft, save_peft
+from arc_jax.model.convert import CheckpointError, load_pretrained, save_pretrained
+from arc_jax.model.lora import LoraConfig, init_lora
+from arc_jax.model.peft_io import load_peft, save_peft
+from arc_jax.model.phi3 import Phi3, Phi3Config
 
 CONFIG = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,

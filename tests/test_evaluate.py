@@ -1,4 +1,4 @@
-"""Tests for arc_jax.evaluate: parse, invert, vote, score, write."""
+"""Tests for arc_jax.infer.evaluate: parse, invert, vote, score, write."""
 
 import json
 import math
@@ -10,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from arc_jax.augment import Augmentation, apply_augmentation_np
-from arc_jax.data import Pair, Task, load_tasks
-from arc_jax.evaluate import (
+from arc_jax.atomic import write_json_atomic
+from arc_jax.data.augment import Augmentation, apply_augmentation_np
+from arc_jax.data.formats import GRID_FORMATS, answer_text, get_grid_format
+from arc_jax.data.tasks import Pair, Task, load_tasks
+from arc_jax.infer.evaluate import (
     Candidate,
     SubmissionError,
     evaluate,
@@ -20,10 +22,8 @@ from arc_jax.evaluate import (
     parse_candidate,
     validate_submission,
     vote,
-    write_json_atomic,
     write_results,
 )
-from arc_jax.formats import GRID_FORMATS, answer_text, get_grid_format
 
 FMT = get_grid_format("shape_numbered")
 IDENTITY = Augmentation(0, np.arange(10))

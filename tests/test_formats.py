@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from arc_jax.formats import (
+from arc_jax.data.formats import (
     GRID_FORMATS,
     PromptTemplate,
     answer_text,
@@ -19,7 +19,7 @@ from arc_jax.formats import (
     prompt_text,
     text_to_grid,
 )
-from arc_jax.tokenizer import (
+from arc_jax.data.tokenizer import (
     SHIPPED_TOKENIZER_DIR,
     TokenizerError,
     build_arc_tokenizer,

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arc_jax.convert import load_pretrained
-from arc_jax.formats import answer_text, get_grid_format
-from arc_jax.generate import generate, generate_per_task, max_answer_tokens, prompts_that_fit
-from arc_jax.lora import LoraConfig, init_lora_stack, unstack_lora
-from arc_jax.tokenizer import load_tokenizer, token_vocab
+from arc_jax.data.formats import answer_text, get_grid_format
+from arc_jax.data.tokenizer import load_tokenizer, token_vocab
+from arc_jax.infer.generate import generate, generate_per_task, max_answer_tokens, prompts_that_fit
+from arc_jax.model.convert import load_pretrained
+from arc_jax.model.lora import LoraConfig, init_lora_stack, unstack_lora
 
 PAD = 0
 

@@ -7,8 +7,8 @@ import optax
 import peft
 import pytest
 
-from arc_jax.convert import load_pretrained
-from arc_jax.lora import (
+from arc_jax.model.convert import load_pretrained
+from arc_jax.model.lora import (
     LoraConfig,
     init_lora,
     init_lora_stack,
@@ -17,7 +17,7 @@ from arc_jax.lora import (
     stack_lora,
     unstack_lora,
 )
-from arc_jax.peft_io import load_peft, save_peft
+from arc_jax.model.peft_io import load_peft, save_peft
 
 TOL = 1e-4
 NAME = "gqa_longrope"

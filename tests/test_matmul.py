@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arc_jax.lora import LoraConfig, init_lora
-from arc_jax.matmul import mixed_matmul
-from arc_jax.model import MIXED_MIN_ROWS, Phi3, Phi3Config
+from arc_jax.model.lora import LoraConfig, init_lora
+from arc_jax.model.matmul import mixed_matmul
+from arc_jax.model.phi3 import MIXED_MIN_ROWS, Phi3, Phi3Config
 
 BF16 = jnp.bfloat16
 CONFIG = Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

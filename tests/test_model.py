@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import transformers
 
-from arc_jax.convert import load_pretrained, save_pretrained
-from arc_jax.generate import generate as _generate
-from arc_jax.model import Phi3, Phi3Config, project_logits
+from arc_jax.infer.generate import generate as _generate
+from arc_jax.model.convert import load_pretrained, save_pretrained
+from arc_jax.model.phi3 import Phi3, Phi3Config, project_logits
 
 TOL = 1e-4
 

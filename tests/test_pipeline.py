@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arc_jax.augment import apply_augmentation_np, sample_augmentation
-from arc_jax.data import load_tasks
-from arc_jax.encode import check_device_encoding
-from arc_jax.formats import PromptTemplate, text_to_grid
-from arc_jax.pipeline import (
+from arc_jax.data.arrays import pad_tasks
+from arc_jax.data.augment import apply_augmentation_np, sample_augmentation
+from arc_jax.data.encode import check_device_encoding
+from arc_jax.data.formats import PromptTemplate, text_to_grid
+from arc_jax.data.pipeline import (
     PipelineConfig,
     assign_buckets,
     choose_bucket,
@@ -20,9 +20,9 @@ from arc_jax.pipeline import (
     max_train_length,
     train_batch,
 )
-from arc_jax.sample import sample_episode
-from arc_jax.task_arrays import pad_tasks
-from arc_jax.tokenizer import load_tokenizer
+from arc_jax.data.sample import sample_episode
+from arc_jax.data.tasks import load_tasks
+from arc_jax.data.tokenizer import load_tokenizer
 
 TEMPLATE = PromptTemplate()
 SEQ_LEN = 2048

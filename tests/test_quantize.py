@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arc_jax.lora import LoraConfig, init_lora
-from arc_jax.model import Phi3, Phi3Config
-from arc_jax.quantize import (
+from arc_jax.model.lora import LoraConfig, init_lora
+from arc_jax.model.phi3 import Phi3, Phi3Config
+from arc_jax.model.quantize import (
     dequantize,
     dequantize_params,
     quantize_int4,

@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 
-from arc_jax.augment import Augmentation
-from arc_jax.data import Pair, Task
-from arc_jax.evaluate import Candidate, evaluate, write_results
-from arc_jax.formats import answer_text, get_grid_format
+from arc_jax.data.augment import Augmentation
+from arc_jax.data.formats import answer_text, get_grid_format
+from arc_jax.data.tasks import Pair, Task
+from arc_jax.infer.evaluate import Candidate, evaluate, write_results
 from arc_jax.results_table import main, results_table
 
 

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arc_jax.encode import EncodedExample
-from arc_jax.lora import LoraConfig, init_lora
-from arc_jax.model import Phi3, Phi3Config
-from arc_jax.quantize import quantize_params
-from arc_jax.train import OptimConfig, StepFns, init_state, make_optimizer, train_step
+from arc_jax.data.encode import EncodedExample
+from arc_jax.model.lora import LoraConfig, init_lora
+from arc_jax.model.phi3 import Phi3, Phi3Config
+from arc_jax.model.quantize import quantize_params
+from arc_jax.train.step import OptimConfig, StepFns, init_state, make_optimizer, train_step
 
 CONFIG = Phi3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arc_jax.attention import attend, attention_mask, causal_attention, dot_product_causal
+from arc_jax.model.attention import attend, attention_mask, causal_attention, dot_product_causal
 from experiments.benchmarks import peers
 from experiments.benchmarks.common import print_table, write_results
 

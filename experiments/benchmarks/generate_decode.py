@@ -40,8 +40,8 @@ def jax_side(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from arc_jax.convert import load_pretrained
-    from arc_jax.generate import generate
+    from arc_jax.infer.generate import generate
+    from arc_jax.model.convert import load_pretrained
 
     name, _, matmul = args.dtype.partition("+")
     dtype = jnp.dtype(name)

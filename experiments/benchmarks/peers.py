@@ -47,11 +47,11 @@ def write_batch(path: str, seq_len: int, batch: int, seed: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from arc_jax.data import load_tasks
-    from arc_jax.encode import check_device_encoding
-    from arc_jax.pipeline import PipelineConfig, assign_buckets, max_train_length, train_batch
-    from arc_jax.task_arrays import pad_tasks
-    from arc_jax.tokenizer import load_tokenizer
+    from arc_jax.data.arrays import pad_tasks
+    from arc_jax.data.encode import check_device_encoding
+    from arc_jax.data.pipeline import PipelineConfig, assign_buckets, max_train_length, train_batch
+    from arc_jax.data.tasks import load_tasks
+    from arc_jax.data.tokenizer import load_tokenizer
 
     tasks = list(load_tasks("kaggle2024/evaluation").values())
     cfg = PipelineConfig()

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arc_jax.data import load_tasks
-from arc_jax.encode import check_device_encoding
-from arc_jax.pipeline import PipelineConfig, assign_buckets, max_train_length, train_batch
-from arc_jax.task_arrays import pad_tasks
-from arc_jax.tokenizer import load_tokenizer
+from arc_jax.data.arrays import pad_tasks
+from arc_jax.data.encode import check_device_encoding
+from arc_jax.data.pipeline import PipelineConfig, assign_buckets, max_train_length, train_batch
+from arc_jax.data.tasks import load_tasks
+from arc_jax.data.tokenizer import load_tokenizer
 from experiments.benchmarks.common import print_table, time_fn, write_results
 
 

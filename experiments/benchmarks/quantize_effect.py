@@ -1,4 +1,4 @@
-"""Memory and logits effect of the weight-only int8 / int4 frozen base (arc_jax.quantize).
+"""Memory and logits effect of the weight-only int8 / int4 frozen base (arc_jax.model.quantize).
 
     python -m experiments.benchmarks.quantize_effect --size d512 --workdir /tmp/bench
 
@@ -15,8 +15,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from arc_jax.convert import load_pretrained
-from arc_jax.quantize import quantize_params, tree_bytes
+from arc_jax.model.convert import load_pretrained
+from arc_jax.model.quantize import quantize_params, tree_bytes
 from experiments.benchmarks import peers
 from experiments.benchmarks.common import print_table, write_results
 

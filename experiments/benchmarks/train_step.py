@@ -41,11 +41,11 @@ def build_jax(args, variant: str):
     import jax
     import jax.numpy as jnp
 
-    from arc_jax.convert import load_pretrained
-    from arc_jax.encode import EncodedExample
-    from arc_jax.lora import LoraConfig, init_lora
-    from arc_jax.model import Phi3
-    from arc_jax.train import OptimConfig, StepFns, init_state, make_optimizer, train_step
+    from arc_jax.data.encode import EncodedExample
+    from arc_jax.model.convert import load_pretrained
+    from arc_jax.model.lora import LoraConfig, init_lora
+    from arc_jax.model.phi3 import Phi3
+    from arc_jax.train.step import OptimConfig, StepFns, init_state, make_optimizer, train_step
 
     opts = VARIANTS[variant]
     dtype = jnp.dtype(opts.get("dtype", "float32"))
@@ -59,7 +59,7 @@ def build_jax(args, variant: str):
                           targets=peers.LORA["targets"])
     lora = init_lora(jax.random.key(0), params, lora_cfg)
     if "quant" in opts:
-        from arc_jax.quantize import quantize_params
+        from arc_jax.model.quantize import quantize_params
         params = quantize_params(params, opts["quant"])
     b = peers.load_batch(args.batch_file)
     seq_len = b["tokens"].shape[1]
@@ -83,7 +83,7 @@ def build_jax(args, variant: str):
         state[0], metrics = compiled(state[0], params, batch, key, key)
         jax.block_until_ready(metrics)
 
-    from arc_jax.quantize import tree_bytes
+    from arc_jax.model.quantize import tree_bytes
     return run, {"rss0": rss0, "k": k, "base_mib": tree_bytes(params) / 2**20,
                  "xla_temp_mib": getattr(mem, "temp_size_in_bytes", 0) / 2**20}
 

@@ -10,7 +10,7 @@ rows (the parent draws them with the per-task keys `ttft` uses and hands them to
 Both sides: same Phi-3, LoRA r=32 on all linear targets, same threads. Time excludes compilation
 (arc_jax runs one warm-up step on throw-away states first; PEFT one warm-up step).
 `--jax-matmuls compute,bfloat16` adds an arc_jax row per `model.matmul_dtype` (bfloat16: the
-linear layers' products in bfloat16 with float32 accumulation, `arc_jax.matmul`).
+linear layers' products in bfloat16 with float32 accumulation, `arc_jax.model.matmul`).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ MODULE = "experiments.benchmarks.ttft_per_task"
 
 
 def _setup(seq_len: int, n_tasks: int):
-    from arc_jax.data import load_tasks
-    from arc_jax.encode import check_device_encoding
-    from arc_jax.pipeline import PipelineConfig, assign_buckets, max_train_length
-    from arc_jax.task_arrays import pad_tasks
-    from arc_jax.tokenizer import load_tokenizer
-    from arc_jax.ttft import select_tasks
+    from arc_jax.data.arrays import pad_tasks
+    from arc_jax.data.encode import check_device_encoding
+    from arc_jax.data.pipeline import PipelineConfig, assign_buckets, max_train_length
+    from arc_jax.data.tasks import load_tasks
+    from arc_jax.data.tokenizer import load_tokenizer
+    from arc_jax.train.ttft import select_tasks
 
     tasks = list(load_tasks("kaggle2024/evaluation").values())
     cfg = PipelineConfig()
@@ -48,7 +48,7 @@ def write_rows(path: str, args) -> None:
     """The rows every task trains on, `[S, G, B, T]`, drawn with the keys `ttft` derives."""
     import jax
 
-    from arc_jax.ttft import _one_task_batch
+    from arc_jax.train.ttft import _one_task_batch
 
     vocab, cfg, data, ids = _setup(args.seq_len, args.tasks)
     make = jax.jit(lambda key, d: _one_task_batch(key, d, vocab=vocab, cfg=cfg,
@@ -72,10 +72,10 @@ def jax_side(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from arc_jax.convert import load_pretrained
-    from arc_jax.lora import LoraConfig, init_lora
-    from arc_jax.train import OptimConfig, StepFns, make_optimizer
-    from arc_jax.ttft import (
+    from arc_jax.model.convert import load_pretrained
+    from arc_jax.model.lora import LoraConfig, init_lora
+    from arc_jax.train.step import OptimConfig, StepFns, make_optimizer
+    from arc_jax.train.ttft import (
         TASKS,
         device_mesh,
         init_per_task_states,

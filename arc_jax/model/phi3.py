@@ -2,7 +2,9 @@
 
 Parameters are plain nested dicts mirroring the HF layout, e.g.
 `params["model"]["layers_0"]["self_attn"]["qkv_proj"]["kernel"]` of shape `[in, out]`.
-A LoRA tree (see `arc_jax.lora`) is an optional call argument, so one base serves many adapters.
+A LoRA tree (see `arc_jax.model.lora`) is an optional call argument, so one base serves many
+adapters. How the modules compute (dtypes, attention kernel, matmul operands) is one
+`ModelOptions` shared by all of them.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arc_jax.attention import (  # noqa: F401  (attend, attention_mask: re-exported)
+from arc_jax.model.attention import (  # noqa: F401  (attend, attention_mask: re-exported)
     IMPLEMENTATIONS,
     attend,
     attend_cache,
@@ -24,9 +26,9 @@ from arc_jax.attention import (  # noqa: F401  (attend, attention_mask: re-expor
     causal_attention_heads,
     dot_product_causal,
 )
-from arc_jax.lora import LoraConfig, lora_delta
-from arc_jax.matmul import mixed_matmul
-from arc_jax.quantize import dequantize
+from arc_jax.model.lora import LoraConfig, lora_delta
+from arc_jax.model.matmul import mixed_matmul
+from arc_jax.model.quantize import dequantize
 
 Array = jax.Array
 Cache = dict[str, dict[str, Array]]
@@ -200,31 +202,44 @@ def take_rows(x: Array, rows: Array) -> Array:
     return jax.vmap(lambda z, i: z[i])(x, rows)
 
 
-class Dense(nn.Module):
-    """Bias-free linear layer `x @ kernel` plus an optional LoRA update; the kernel may be stored
-    quantized (`kernel_int8` or `kernel_int4` + `scale`, see `arc_jax.quantize`). `matmul_dtype`:
-    the product's operand dtype, accumulated in float32 (`arc_jax.matmul`); None: `dtype`."""
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How the decoder computes, shared by every module (see `Phi3` for each field)."""
 
-    features: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False
+    attention: str = "blocked"
+    attention_block: int = 128
+    fresh_cache: bool = False
     matmul_dtype: Any = None
+
+
+class Dense(nn.Module):
+    """Bias-free linear layer `x @ kernel` plus an optional LoRA update; the kernel may be stored
+    quantized (`kernel_int8` or `kernel_int4` + `scale`, see `arc_jax.model.quantize`).
+    `options.matmul_dtype`: the product's operand dtype, accumulated in float32
+    (`arc_jax.model.matmul`); None: `options.dtype`."""
+
+    features: int
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x: Array, lora: Mapping | None = None,
                  lora_config: LoraConfig | None = None) -> Array:
-        mixed = self.matmul_dtype is not None and x.size // x.shape[-1] >= MIXED_MIN_ROWS
-        operands = self.matmul_dtype if mixed else self.dtype
+        opts = self.options
+        mixed = opts.matmul_dtype is not None and x.size // x.shape[-1] >= MIXED_MIN_ROWS
+        operands = opts.matmul_dtype if mixed else opts.dtype
         quantized = {name: self.get_variable("params", name) for name in QUANTIZED
                      if self.has_variable("params", name)}
-        if quantized:  # weight-only int8 / int4 (arc_jax.quantize), dequantized here
+        if quantized:  # weight-only int8 / int4 (arc_jax.model.quantize), dequantized here
             kernel = dequantize(quantized, operands)
         else:
             kernel = self.param("kernel", nn.initializers.normal(0.02),
-                                (x.shape[-1], self.features), self.param_dtype)
-        x = x.astype(self.dtype)
+                                (x.shape[-1], self.features), opts.param_dtype)
+        x = x.astype(opts.dtype)
         if mixed:
-            y = mixed_matmul(x, kernel, operands).astype(self.dtype)
+            y = mixed_matmul(x, kernel, operands).astype(opts.dtype)
         else:
             y = x @ kernel.astype(operands)
         if lora is not None:
@@ -240,42 +255,38 @@ class Dense(nn.Module):
 class Embed(nn.Module):
     vocab_size: int
     features: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    options: ModelOptions = ModelOptions()
 
     def setup(self):
         self.embedding = self.param("embedding", nn.initializers.normal(0.02),
-                                    (self.vocab_size, self.features), self.param_dtype)
+                                    (self.vocab_size, self.features), self.options.param_dtype)
 
     def __call__(self, ids: Array) -> Array:
-        return self.embedding.astype(self.dtype)[ids]
+        return self.embedding.astype(self.options.dtype)[ids]
 
     def attend(self, x: Array) -> Array:
         """Tied output projection `x [..., d]` -> `[..., vocab]`."""
-        return x.astype(self.dtype) @ self.embedding.astype(self.dtype).T
+        dtype = self.options.dtype
+        return x.astype(dtype) @ self.embedding.astype(dtype).T
 
 
 class RMSNorm(nn.Module):
     eps: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],),
+                            self.options.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight.astype(self.dtype) * normed.astype(self.dtype)
+        dtype = self.options.dtype
+        return weight.astype(dtype) * normed.astype(dtype)
 
 
 class Attention(nn.Module):
     config: Phi3Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    attention: str = "blocked"
-    attention_block: int = 128
-    fresh_cache: bool = False
-    matmul_dtype: Any = None
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config,
@@ -283,8 +294,7 @@ class Attention(nn.Module):
         """rows: None, or token indices `[b, K]` (no cache): queries and output only there."""
         cfg, d = self.config, self.config.dim_head
         h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        dense = lambda n, name: Dense(n, self.dtype, self.param_dtype, self.matmul_dtype,
-                                      name=name)
+        dense = lambda n, name: Dense(n, self.options, name=name)
         qkv = dense((h + 2 * kv) * d, "qkv_proj")(x, _sub(lora, "qkv_proj"), lora_config)
         b, t = x.shape[:2]
         # Heads-major [b, heads, t, d] from here on: the layout attention and the cache read.
@@ -318,11 +328,12 @@ class Attention(nn.Module):
                 again(new, 1).astype(c.dtype)))
             cache = {"k": write_k(cache["k"], k, positions),
                      "v": write_v(cache["v"], v, positions)}
-        if cache is None or self.fresh_cache:  # attend over this call's keys, by token index
+        if cache is None or self.options.fresh_cache:  # attend over this call's keys by index
             valid = k_valid if cache is None else positions >= 0
             out = self._causal(q, k, v, valid)
         else:
-            k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
+            k, v = (cache["k"].astype(self.options.dtype),
+                    cache["v"].astype(self.options.dtype))
             k_pos = jnp.arange(v.shape[2])[None]
             out = attend_cache(q, k, v, attention_mask(q_pos, k_pos, None, cfg.sliding_window))
         return out, cache
@@ -335,16 +346,16 @@ class Attention(nn.Module):
         q = apply_rope(q, take_rows(cos, rows), take_rows(sin, rows))
         keys = jnp.arange(k.shape[2])[None]
         mask = attention_mask(rows, keys, k_valid, cfg.sliding_window)
-        return attend_rows(q, k, v, mask, self.attention_block)
+        return attend_rows(q, k, v, mask, self.options.attention_block)
 
     def _causal(self, q, k, v, valid):
         """Heads-major q `[b, h, t, d]`, k, v `[b, kv, t, d]` -> `[b, h, t, d]`."""
-        window, block = self.config.sliding_window, self.attention_block
-        if self.attention == "blocked" and q.shape[2] > block:
+        window, block = self.config.sliding_window, self.options.attention_block
+        if self.options.attention == "blocked" and q.shape[2] > block:
             return causal_attention_heads(q, k, v, valid, window, block)
         tokens_major = lambda x: x.transpose(0, 2, 1, 3)
         q, k, v = tokens_major(q), tokens_major(k), tokens_major(v)
-        if self.attention == "dot_product":
+        if self.options.attention == "dot_product":
             return tokens_major(dot_product_causal(q, k, v, valid, window))
         index = jnp.arange(q.shape[1])[None]
         return tokens_major(attend(q, k, v, attention_mask(index, index, valid, window)))
@@ -352,50 +363,37 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     config: Phi3Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    matmul_dtype: Any = None
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x, lora, lora_config):
         cfg = self.config
         act = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_new": jax.nn.gelu,
                "relu": jax.nn.relu}[cfg.hidden_act]
-        gate_up = Dense(2 * cfg.intermediate_size, self.dtype, self.param_dtype,
-                        self.matmul_dtype, name="gate_up_proj")(
+        gate_up = Dense(2 * cfg.intermediate_size, self.options, name="gate_up_proj")(
             x, _sub(lora, "gate_up_proj"), lora_config)
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        return Dense(cfg.hidden_size, self.dtype, self.param_dtype, self.matmul_dtype,
-                     name="down_proj")(
+        return Dense(cfg.hidden_size, self.options, name="down_proj")(
             up * act(gate), _sub(lora, "down_proj"), lora_config)
 
 
 class DecoderLayer(nn.Module):
     config: Phi3Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    attention: str = "blocked"
-    attention_block: int = 128
-    fresh_cache: bool = False
-    matmul_dtype: Any = None
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x, cos, sin, q_pos, k_valid, positions, cache, lora, lora_config,
                  rows=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        eps = self.config.rms_norm_eps
-        h = RMSNorm(eps, **kw, name="input_layernorm")(x)
-        h, cache = Attention(self.config, **kw, attention=self.attention,
-                             attention_block=self.attention_block, fresh_cache=self.fresh_cache,
-                             matmul_dtype=self.matmul_dtype, name="self_attn")(
+        eps, opts = self.config.rms_norm_eps, self.options
+        h = RMSNorm(eps, opts, name="input_layernorm")(x)
+        h, cache = Attention(self.config, opts, name="self_attn")(
             h, cos, sin, q_pos, k_valid, positions, cache, _sub(lora, "self_attn"), lora_config,
             rows)
         if rows is not None:  # from here on only the rows: [b, K, d]
             x = take_rows(x, rows)
         x = x + h
-        h = RMSNorm(eps, **kw, name="post_attention_layernorm")(x)
-        x = x + MLP(self.config, **kw, matmul_dtype=self.matmul_dtype, name="mlp")(
-            h, _sub(lora, "mlp"), lora_config)
+        h = RMSNorm(eps, opts, name="post_attention_layernorm")(x)
+        x = x + MLP(self.config, opts, name="mlp")(h, _sub(lora, "mlp"), lora_config)
         return x, cache
 
 
@@ -403,24 +401,14 @@ class Phi3Model(nn.Module):
     """Embedding, decoder stack and final norm (HF `Phi3Model`)."""
 
     config: Phi3Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    remat: bool = False
-    attention: str = "blocked"
-    attention_block: int = 128
-    fresh_cache: bool = False
-    matmul_dtype: Any = None
+    options: ModelOptions = ModelOptions()
 
     def setup(self):
-        cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-        self.layers = [layer(cfg, **kw, attention=self.attention,
-                             attention_block=self.attention_block, fresh_cache=self.fresh_cache,
-                             matmul_dtype=self.matmul_dtype)
-                       for _ in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
+        cfg, opts = self.config, self.options
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, opts)
+        layer = nn.remat(DecoderLayer) if opts.remat else DecoderLayer
+        self.layers = [layer(cfg, opts) for _ in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, opts)
 
     def __call__(self, input_ids, positions, attention_mask, cache, lora, lora_config, rows=None):
         b, t = input_ids.shape
@@ -456,13 +444,13 @@ class Phi3(nn.Module):
     `remat` recomputes each decoder layer's activations in the backward pass.
     `attention` (for calls without a cache; cached decoding always uses `attend_cache`):
     "blocked" (default) runs sequences longer than `attention_block` in causal query blocks with
-    a flash-style backward (`arc_jax.attention.causal_attention`); "xla" is the reference with
+    a flash-style backward (`arc_jax.model.attention.causal_attention`); "xla" is the reference with
     full score matrices; "dot_product" is `jax.nn.dot_product_attention` (cuDNN on GPU).
     `fresh_cache=True` declares that a cache passed in holds nothing before this call's tokens
     (a prefill, slot = position, padding at position -1), so the call attends over its own keys
     with `attention` instead of over every cache slot.
     `matmul_dtype` (e.g. bfloat16 with float32 `dtype`): the linear layers' operand dtype, products
-    accumulated and returned in float32 (`arc_jax.matmul.mixed_matmul`); None: `dtype`.
+    accumulated and returned in float32 (`arc_jax.model.matmul.mixed_matmul`); None: `dtype`.
     """
 
     config: Phi3Config
@@ -480,12 +468,11 @@ class Phi3(nn.Module):
         super().__post_init__()
 
     def setup(self):
-        self.model = Phi3Model(self.config, self.dtype, self.param_dtype, self.remat,
-                               self.attention, self.attention_block, self.fresh_cache,
-                               self.matmul_dtype)
+        options = ModelOptions(self.dtype, self.param_dtype, self.remat, self.attention,
+                               self.attention_block, self.fresh_cache, self.matmul_dtype)
+        self.model = Phi3Model(self.config, options)
         if not self.config.tie_word_embeddings:
-            self.lm_head = Dense(self.config.vocab_size, self.dtype, self.param_dtype,
-                                 self.matmul_dtype)
+            self.lm_head = Dense(self.config.vocab_size, options)
 
     def __call__(
         self,

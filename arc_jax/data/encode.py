@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arc_jax.formats import (
+from arc_jax.data.formats import (
     LOSS_ON,
     MAX_SIDE,
     GridFormat,
@@ -27,7 +27,7 @@ from arc_jax.formats import (
     answer_text,
     prompt_text,
 )
-from arc_jax.tokenizer import PIECES, TokenizerError, TokenVocab, encode_text, token_vocab
+from arc_jax.data.tokenizer import PIECES, TokenizerError, TokenVocab, encode_text, token_vocab
 
 
 class EncodedExample(NamedTuple):

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from arc_jax.quantize import KERNELS, kernel_shape
+from arc_jax.model.quantize import KERNELS, kernel_shape
 
 Array = jax.Array
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -41,7 +41,7 @@ class LoraConfig:
 
 def lora_sites(base_params: Mapping, targets: Sequence[str]) -> list[tuple[str, ...]]:
     """Paths (sorted) of the base layers named in `targets` that hold a kernel (plain or
-    quantized, see `arc_jax.quantize`)."""
+    quantized, see `arc_jax.model.quantize`)."""
     found = []
 
     def walk(tree, path):

@@ -1,7 +1,7 @@
 """A tiny random Phi-3 with the shipped ARC tokenizer: the default `model.path` until the project
 ships its own trained model.
 
-    python -m arc_jax.tiny_model [PATH]        # default: arc_jax/assets/tiny_phi3
+    python -m arc_jax.model.tiny [PATH]        # default: arc_jax/assets/tiny_phi3
 
 Written as a transformers directory (config.json, model.safetensors, tokenizer files), so it loads
 in transformers as well as in arc_jax.
@@ -15,11 +15,11 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from arc_jax.convert import save_pretrained
-from arc_jax.model import Phi3, Phi3Config
-from arc_jax.tokenizer import load_tokenizer
+from arc_jax.data.tokenizer import load_tokenizer
+from arc_jax.model.convert import save_pretrained
+from arc_jax.model.phi3 import Phi3, Phi3Config
 
-TINY_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets", "tiny_phi3")
+TINY_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny_phi3")
 
 
 def tiny_config(vocab_size: int) -> Phi3Config:

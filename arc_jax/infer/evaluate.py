@@ -21,21 +21,19 @@ not scored.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import os
-import tempfile
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from arc_jax.augment import NUM_DIHEDRAL, Augmentation, invert_augmentation_np
-from arc_jax.data import MAX_SIDE, NUM_COLORS, Task
-from arc_jax.formats import GridFormat, PromptTemplate, parse_answer
+from arc_jax.atomic import write_json_atomic
+from arc_jax.data.augment import NUM_DIHEDRAL, Augmentation, invert_augmentation_np
+from arc_jax.data.formats import GridFormat, PromptTemplate, parse_answer
+from arc_jax.data.tasks import MAX_SIDE, NUM_COLORS, Task
 
 FALLBACK_GRID = ((0,),)
 """Submitted when a test input has no valid prediction (Kaggle needs both attempts everywhere)."""
@@ -306,25 +304,6 @@ def validate_submission(submission: Any, tasks: Mapping[str, Task]) -> None:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise SubmissionError(f"{len(problems)} problems in submission:\n  {shown}{more}")
 
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
-    """Writes `obj` as JSON to `path` via a temporary file in the same folder and `os.replace`,
-    so readers (and a killed run) see the old file or the new one, never half of one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _file_name(task_id: str) -> str:

@@ -1,5 +1,5 @@
 """Tokenizers: the shipped ARC-native tokenizer, and the bridge from any HF tokenizer to the ids
-that `arc_jax.encode` writes on device.
+that `arc_jax.data.encode` writes on device.
 
 The bridge derives the ids of digits, newline, row-number and shape-header pieces and the prompt
 template pieces *in context* (each piece as it reads at the start of a line), then
@@ -16,9 +16,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from arc_jax.formats import MAX_SIDE, PromptTemplate
+from arc_jax.data.formats import MAX_SIDE, PromptTemplate
 
-SHIPPED_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "arc_tokenizer")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+SHIPPED_TOKENIZER_DIR = os.path.join(ASSETS, "arc_tokenizer")
 
 ARC_SPECIAL_TOKENS = (
     "<pad>", "<unk>", "<s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>",
@@ -57,7 +58,7 @@ def build_arc_tokenizer():
 
 def save_arc_tokenizer(path: str = SHIPPED_TOKENIZER_DIR) -> None:
     """Writes the ARC tokenizer as tokenizer.json + tokenizer_config.json (how the shipped copy
-    in `arc_jax/assets/arc_tokenizer` was made: `python -m arc_jax.tokenizer`)."""
+    in `arc_jax/assets/arc_tokenizer` was made: `python -m arc_jax.data.tokenizer`)."""
     tok = build_arc_tokenizer()
     tok.save_pretrained(path)
     config_path = os.path.join(path, "tokenizer_config.json")

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from arc_jax.encode import EncodedExample
-from arc_jax.lora import LoraConfig
-from arc_jax.model import Phi3, project_logits
+from arc_jax.data.encode import EncodedExample
+from arc_jax.model.lora import LoraConfig
+from arc_jax.model.phi3 import Phi3, project_logits
 
 SCHEDULES = ("cosine", "linear", "constant")
 

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arc_jax import augment, sample
-from arc_jax.encode import EncodedExample, encode_episode
-from arc_jax.formats import GridFormat, get_grid_format
-from arc_jax.task_arrays import TaskArrays
-from arc_jax.tokenizer import PIECES, TokenVocab
+from arc_jax.data import augment, sample
+from arc_jax.data.arrays import TaskArrays
+from arc_jax.data.encode import EncodedExample, encode_episode
+from arc_jax.data.formats import GridFormat, get_grid_format
+from arc_jax.data.tokenizer import PIECES, TokenVocab
 
 OVERFLOW = ("truncate", "skip")
 

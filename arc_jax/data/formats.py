@@ -2,7 +2,7 @@
 
 A grid format spells one grid as lines of text. Every piece of a prompt starts at the beginning of
 a line, so a tokenizer that spells digits and newlines as their own tokens encodes a prompt as the
-plain concatenation of its pieces' encodings (what `arc_jax.encode` does on device).
+plain concatenation of its pieces' encodings (what `arc_jax.data.encode` does on device).
 
 Formats (arc24 found the shape header with numbered rows best):
     minimal          shape            numbered         shape_numbered
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from arc_jax.data import MAX_SIDE
+from arc_jax.data.tasks import MAX_SIDE
 
 
 @dataclasses.dataclass(frozen=True)

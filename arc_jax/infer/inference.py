@@ -4,8 +4,8 @@ vmapped), one shared adapter, or none.
 
 Each test input is decoded under `n_augmentations` views: view 0 is the identity, the others a
 random dihedral transform and colour permutation (0 kept) drawn from the task's own key, so a
-task's candidates do not depend on which other tasks are evaluated. `arc_jax.evaluate` inverts,
-votes and scores them.
+task's candidates do not depend on which other tasks are evaluated. `arc_jax.infer.evaluate`
+inverts, votes and scores them.
 """
 
 from __future__ import annotations
@@ -19,23 +19,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arc_jax import augment
-from arc_jax.data import Task
-from arc_jax.evaluate import Candidate
-from arc_jax.formats import GridFormat
-from arc_jax.generate import generate_per_task, max_answer_tokens, prompts_that_fit
-from arc_jax.lora import LoraConfig, stack_lora
-from arc_jax.model import Phi3
-from arc_jax.pipeline import (
+from arc_jax.data import augment
+from arc_jax.data.arrays import TaskArrays
+from arc_jax.data.formats import GridFormat
+from arc_jax.data.pipeline import (
     PipelineConfig,
     assign_buckets,
     choose_bucket,
     episode_length,
     eval_batch,
 )
-from arc_jax.task_arrays import TaskArrays
-from arc_jax.tokenizer import TokenVocab
-from arc_jax.train import masked_nll
+from arc_jax.data.tasks import Task
+from arc_jax.data.tokenizer import TokenVocab
+from arc_jax.infer.evaluate import Candidate
+from arc_jax.infer.generate import generate_per_task, max_answer_tokens, prompts_that_fit
+from arc_jax.model.lora import LoraConfig, stack_lora
+from arc_jax.model.phi3 import Phi3
+from arc_jax.train.step import masked_nll
 
 
 @dataclasses.dataclass(frozen=True)

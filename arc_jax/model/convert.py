@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from arc_jax.model import Phi3, Phi3Config, abstract_params
+from arc_jax.atomic import atomic_write
+from arc_jax.model.phi3 import Phi3, Phi3Config, abstract_params
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -187,17 +187,6 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32,
                     flat[ours] = jnp.asarray(array, dtype=dtype)
     return model, unflatten(flat)
 
-
-def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a model directory is for sharing
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_pretrained(path: str | os.PathLike, model: Phi3, params: Mapping) -> None:

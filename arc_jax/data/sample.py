@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from arc_jax.augment import Augmentation, augment_pairs
+from arc_jax.data.augment import Augmentation, augment_pairs
 
 
 class Episode(NamedTuple):

@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arc_jax.formats import MAX_SIDE, GridFormat, get_grid_format
-from arc_jax.lora import LoraConfig
-from arc_jax.model import Phi3, Phi3Config, init_cache, project_logits
-from arc_jax.pipeline import grid_length
-from arc_jax.tokenizer import PIECES, TokenVocab
+from arc_jax.data.formats import MAX_SIDE, GridFormat, get_grid_format
+from arc_jax.data.pipeline import grid_length
+from arc_jax.data.tokenizer import PIECES, TokenVocab
+from arc_jax.model.lora import LoraConfig
+from arc_jax.model.phi3 import Phi3, Phi3Config, init_cache, project_logits
 
 Array = jax.Array
 

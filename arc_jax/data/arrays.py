@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from arc_jax.data import MAX_SIDE, Pair, Task
+from arc_jax.data.tasks import MAX_SIDE, Pair, Task
 
 
 class TaskArrays(NamedTuple):

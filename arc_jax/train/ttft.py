@@ -24,11 +24,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from arc_jax.encode import EncodedExample
-from arc_jax.pipeline import PipelineConfig, train_batch
-from arc_jax.task_arrays import TaskArrays
-from arc_jax.tokenizer import TokenVocab
-from arc_jax.train import StepFns, TrainState, train_step
+from arc_jax.data.arrays import TaskArrays
+from arc_jax.data.encode import EncodedExample
+from arc_jax.data.pipeline import PipelineConfig, train_batch
+from arc_jax.data.tokenizer import TokenVocab
+from arc_jax.train.step import StepFns, TrainState, train_step
 
 TASKS = "tasks"
 DATA = "data"

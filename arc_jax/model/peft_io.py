@@ -17,15 +17,15 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from arc_jax.convert import (
+from arc_jax.atomic import atomic_write
+from arc_jax.model.convert import (
     CheckpointError,
-    atomic_write,
     flatten,
     from_hf_name,
     to_hf_name,
     unflatten,
 )
-from arc_jax.lora import LoraConfig
+from arc_jax.model.lora import LoraConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
