@@ -14,9 +14,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdir
 flags.mark_flags_as_required(["config"])
 
 
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Drops orbax's and JAX's own info lines (per-save chatter), keeps their warnings."""
+    noisy = f"{os.sep}orbax{os.sep}" in record.pathname or "xla_bridge" in record.pathname
+    return record.levelno >= logging.WARNING or not noisy
+
+
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+        handler.addFilter(_quiet_libraries)
     config = _CONFIG.value
     workdir = _WORKDIR.value or config.workdir or os.path.join("workdirs", config.name)
     overall = run.train_and_evaluate(config, workdir)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -19,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from arc_jax import settings
-from arc_jax.atomic import write_json_atomic
+from arc_jax.atomic import atomic_write, write_json_atomic
 from arc_jax.data.arrays import TaskArrays, pad_tasks
 from arc_jax.data.encode import check_device_encoding
 from arc_jax.data.formats import PromptTemplate
@@ -39,15 +40,17 @@ from arc_jax.data.tasks import Task, load_tasks
 from arc_jax.data.tokenizer import PIECES, SHIPPED_TOKENIZER_DIR, TokenVocab, load_tokenizer
 from arc_jax.infer.evaluate import evaluate, write_results
 from arc_jax.infer.inference import EvalSettings, evaluate_tasks
+from arc_jax.job import Job
 from arc_jax.model.convert import load_pretrained, save_pretrained
 from arc_jax.model.lora import LoraConfig, init_lora, merge_lora
 from arc_jax.model.peft_io import save_peft
 from arc_jax.model.phi3 import Phi3
 from arc_jax.model.quantize import dequantize_params, quantize_params
-from arc_jax.model.tiny import ensure_tiny_model
+from arc_jax.model.tiny import ensure_tiny_model, scratch_config
 from arc_jax.train import checkpoint, ttft
 from arc_jax.train.step import StepFns, init_state, make_optimizer
 from arc_jax.train.tensorboard import Writer, render_row
+from arc_jax.workdir import claim as claim_workdir
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,14 @@ class Setup:
     lora: LoraConfig | None
     writer: Writer
     key: jax.Array
+    job: Job = dataclasses.field(default_factory=Job)
+
+    @property
+    def budget_bytes(self) -> float:
+        """What one compiled program may use, over this process's devices: 60% of
+        `config.memory_gb` (the rest is the host side: the runtime, compiled programs, task
+        arrays, adapters)."""
+        return 0.6 * float(self.config.get("memory_gb", 8.0)) * 2**30
 
     def stream(self, name: int) -> jax.Array:
         return jax.random.fold_in(self.key, name)
@@ -101,18 +112,40 @@ def task_seed(task_id: str) -> int:
 
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Keeps compiled programs in JAX's persistent cache under `directory` ("" = off), so a
+    rerun or a resume does not compile again."""
+    if not directory:
+        return
+    directory = os.path.expanduser(directory)
+    os.makedirs(directory, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def load_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Checks the config, writes it to the workdir, loads model, tokenizer and the bridge."""
     settings.check(config)
     os.makedirs(workdir, exist_ok=True)
+    use_compilation_cache(config.get("compilation_cache", ""))
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict(), indent=2,
                           sort_keys=True)
-    if ensure_tiny_model(config.model.path):
-        log.warning("created the placeholder tiny random model at %s", config.model.path)
-    model, params = load_pretrained(
-        config.model.path, dtype=settings.DTYPES[config.model.dtype],
-        compute_dtype=settings.DTYPES[config.model.compute_dtype])
+    scratch = config.model.get("scratch")
+    if scratch is not None and scratch.hidden_size > 0:  # a random model of that size
+        model = Phi3(scratch_config(-(-len(load_tokenizer(SHIPPED_TOKENIZER_DIR)) // 16) * 16,
+                                    **scratch.to_dict()),
+                     dtype=settings.DTYPES[config.model.compute_dtype],
+                     param_dtype=settings.DTYPES[config.model.dtype])
+        params = model.init(jax.random.fold_in(jax.random.key(config.seed), INIT),
+                            jnp.zeros((1, 1), jnp.int32))["params"]
+    else:
+        if ensure_tiny_model(config.model.path):
+            log.warning("created the placeholder tiny random model at %s", config.model.path)
+        model, params = load_pretrained(
+            config.model.path, dtype=settings.DTYPES[config.model.dtype],
+            compute_dtype=settings.DTYPES[config.model.compute_dtype])
     matmul = config.model.matmul_dtype
     model = model.clone(attention=config.model.attention, remat=config.model.remat,
                         attention_block=config.model.attention_block,
@@ -120,8 +153,9 @@ def load_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     if config.model.quantize != "none":
         params = quantize_params(params, config.model.quantize)
     tokenizer_path = config.model.tokenizer or (
-        config.model.path if os.path.exists(os.path.join(config.model.path, "tokenizer.json"))
-        or os.path.exists(os.path.join(config.model.path, "tokenizer_config.json"))
+        config.model.path if not (scratch is not None and scratch.hidden_size > 0) and (
+            os.path.exists(os.path.join(config.model.path, "tokenizer.json"))
+            or os.path.exists(os.path.join(config.model.path, "tokenizer_config.json")))
         else SHIPPED_TOKENIZER_DIR)
     tokenizer = load_tokenizer(tokenizer_path)
     pipeline = settings.pipeline_config(config)
@@ -130,8 +164,9 @@ def load_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         raise settings.ConfigError(
             f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens, more than the model's "
             f"vocab_size {model.config.vocab_size} (config.model.path = {config.model.path})")
+    job = Job(config.get("deadline_minutes", 0), config.eval.get("reserve_minutes", 0))
     return Setup(config, workdir, model, params, tokenizer, vocab, pipeline,
-                 settings.lora_config(config), Writer(workdir), jax.random.key(config.seed))
+                 settings.lora_config(config), Writer(workdir), jax.random.key(config.seed), job)
 
 
 def load_task_list(
@@ -169,40 +204,24 @@ def _check_finite(loss: np.ndarray, where: str, step: int) -> None:
             "is kept (lower train.learning_rate or check model.dtype)")
 
 
-class _Progress:
-    """tqdm bar with loss and tokens/s, on process 0; scalars to TensorBoard every log_every."""
-
-    def __init__(self, setup: Setup, total: int, initial: int, desc: str, offset: int = 0):
-        self.setup, self.offset = setup, offset
-        self.bar = tqdm.tqdm(total=total, initial=initial, desc=desc, unit="step",
-                             disable=jax.process_index() != 0, dynamic_ncols=True)
-        self.tokens, self.start = 0.0, time.perf_counter()
-
-    def update(self, step: int, metrics: dict[str, np.ndarray], lr: float) -> None:
-        self.tokens += float(np.sum(metrics["tokens"]))
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        loss = float(np.mean(metrics["loss"]))
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
-        self.bar.update(1)
-        if (step + 1) % self.setup.config.train.log_every == 0 or step == 0:
-            self.setup.writer.scalars(self.offset + step + 1, {
-                "train/loss": loss, "train/learning_rate": lr, "train/tokens_per_s": rate,
-                "train/grad_norm": float(np.mean(metrics["grad_norm"]))})
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _lr(setup: Setup, step: int) -> float:
     from arc_jax.train.step import learning_rate_schedule
 
     return float(learning_rate_schedule(settings.optim_config(setup.config))(step))
 
 
-def _run_steps(setup: Setup, name: str, state: Any, step_fn, steps: int, offset: int = 0):
+def _run_steps(setup: Setup, name: str, state: Any, step_fn, steps: int, offset: int = 0,
+               work: float = 0.0):
     """The shared loop: restore, step, check, log, checkpoint. `step_fn(state, step)` returns
-    (state, metrics); `state` is a dict with a TrainState under "train"."""
-    cfg = setup.config.train
+    (state, metrics); `state` is a dict with a TrainState under "train". `work`: the tasks this
+    loop trains, for the job's progress. Returns (state, finished all `steps`).
+
+    Metrics stay on the device and are fetched every `train.log_every` steps and before every
+    checkpoint save; the window fetched is checked for non-finite losses, so a saved checkpoint
+    is always a good one. The loop pauses (saving a checkpoint) after `train.stop_after_steps`
+    updates or `train.stop_after_minutes`, and stops at the job's deadline.
+    """
+    cfg, job = setup.config.train, setup.job
     mngr = checkpoint.manager(
         os.path.join(setup.workdir, "checkpoints", name), cfg.keep_checkpoints,
         cfg.checkpoint_every)
@@ -219,62 +238,171 @@ def _run_steps(setup: Setup, name: str, state: Any, step_fn, steps: int, offset:
                 "changed?); use a fresh --workdir or the original seed")
         log.info("%s: resumed from step %d", name, start)
     stop = steps if not cfg.get("stop_after_steps") else min(steps, start + cfg.stop_after_steps)
-    progress = _Progress(setup, steps, start, name, offset)
+    minutes = cfg.get("stop_after_minutes", 0)
+    pause_at = time.monotonic() + 60 * minutes if minutes else None
+    job.describe(name)
+    job.advance(work * start / steps)
+    window: list[tuple[int, Any]] = []
+
+    def fetch() -> None:
+        fetched = list(window)
+        window.clear()
+        host = ttft.gather([m for _, m in fetched])
+        for (s, _), metrics in zip(fetched, host, strict=True):
+            _check_finite(np.asarray(metrics["loss"]), name, s)
+        s, last = fetched[-1][0], host[-1]
+        loss = float(np.mean(last["loss"]))
+        tokens = float(sum(np.sum(m["tokens"]) for m in host))
+        job.advance(work * len(fetched) / steps, tokens, loss=f"{loss:.4f}")
+        setup.writer.scalars(offset + s + 1, {
+            "train/loss": loss, "train/learning_rate": _lr(setup, s),
+            "train/tokens_per_s": job.tokens / max(time.monotonic() - job.start, 1e-9),
+            "train/grad_norm": float(np.mean(last["grad_norm"]))})
+
+    step = start
     try:
-        for step in range(start, stop):
+        while step < stop:
+            if job.training_must_stop():
+                log.warning("%s: stopped at step %d of %d for the job's deadline", name, step,
+                            steps)
+                break
             state, metrics = step_fn(state, step)
-            metrics = jax.device_get(metrics)
-            _check_finite(np.asarray(metrics["loss"]), name, step)
-            progress.update(step, metrics, _lr(setup, step))
-            checkpoint.save(mngr, step + 1, state, force=step + 1 == steps)
+            window.append((step, metrics))
+            step += 1
+            paused = pause_at is not None and time.monotonic() > pause_at
+            save = step == steps or paused or step == stop or mngr.should_save(step)
+            if save or step % cfg.log_every == 0 or step == start + 1:
+                fetch()
+            if save:
+                checkpoint.save(mngr, step, state, force=True)
+            if paused:
+                log.warning("%s: paused after train.stop_after_minutes at step %d", name, step)
+                break
     finally:
-        progress.close()
+        if window:
+            fetch()
         mngr.wait_until_finished()
         mngr.close()
-    return state, stop == steps
+    return state, step == steps
+
+
+def _adapter_file(setup: Setup, task_id: str) -> str:
+    return os.path.join(setup.workdir, "ttft_adapters", f"{task_id}.npz")
+
+
+def save_task_adapter(setup: Setup, task_id: str, tree: Any) -> None:
+    """A finished task's adapter, `<workdir>/ttft_adapters/<task_id>.npz` (atomic)."""
+    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(tree).items()}
+    atomic_write(_adapter_file(setup, task_id), lambda tmp: np.savez(open(tmp, "wb"), **flat))
+
+
+def load_task_adapter(setup: Setup, task_id: str) -> Any | None:
+    """The saved adapter of a task, or None."""
+    path = _adapter_file(setup, task_id)
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        return unflatten_dict({tuple(k.split("/")): f[k] for k in f.files})
+
+
+def _per_task_compiler(setup, step, optimizer, init, arrays, mesh, data_key, dropout_key, base):
+    """compile_for(m): the bucket's step compiled for m tasks per device (abstract inputs)."""
+    sharded = NamedSharding(mesh, P(ttft.TASKS))
+
+    def compile_for(m: int):
+        g = m * mesh.size
+        spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharded)
+        states = jax.eval_shape(lambda k: jax.vmap(
+            lambda k: init_state(init(k), optimizer))(k), jax.random.split(data_key, g))
+        data = TaskArrays(*(jax.ShapeDtypeStruct((g, *np.shape(x)[1:]), np.asarray(x).dtype,
+                                                 sharding=sharded) for x in arrays))
+        seeds = jax.ShapeDtypeStruct((g,), jnp.int32, sharding=sharded)
+        return step.lower(jax.tree.map(spec, states), data, seeds, base,
+                          jax.ShapeDtypeStruct((), jnp.int32), data_key, dropout_key).compile()
+
+    return compile_for
 
 
 def train_per_task(
     setup: Setup, tasks: Sequence[Task], arrays: TaskArrays,
     devices: Sequence[jax.Device] | None = None,
 ) -> tuple[dict[int, Any], bool]:
-    """One adapter per task, units of a bucket sharded over `devices` (default: all); returns
-    ({task index: host LoRA tree}, finished)."""
+    """One adapter per task; each bucket's tasks in units sized by the memory budget, sharded
+    over `devices` (default: all). Finished adapters are saved per task, so a rerun (or a resume
+    under another budget) trains only the rest. Returns ({task index: host LoRA tree}, finished);
+    a stop for the deadline returns what was trained."""
     if setup.lora is None:
         raise settings.ConfigError("per_task TTFT needs config.lora.enabled = True")
+    cfg = setup.config
     groups = assign_buckets([t.task_id for t in tasks], train_lengths(setup, tasks),
                             setup.pipeline)
     mesh = ttft.device_mesh(ttft.TASKS, devices)
-    units = ttft.plan_units(groups, mesh.size, setup.config.ttft.tasks_per_device)
-    optimizer = make_optimizer(settings.optim_config(setup.config))
-    steps = setup.config.train.steps
+    sharded = NamedSharding(mesh, P(ttft.TASKS))
+    replicated = NamedSharding(mesh, P())
+    base = ttft.place(setup.params, replicated)  # on the mesh once
+    optimizer = make_optimizer(settings.optim_config(cfg))
+    steps = cfg.train.steps
+    data_key, dropout_key = (ttft.place(setup.stream(s), replicated) for s in (DATA, DROPOUT))
+    init = functools.partial(init_lora, base_params=setup.params, config=setup.lora)
     adapters: dict[int, Any] = {}
-    finished = True
-    for u, unit in enumerate(units):
-        base = _step_fns(setup, setup.train_loss_tokens(
-            [tasks[i] for i in unit.tasks], unit.seq_len))
-        fns = ttft.per_task_fns(base, vocab=setup.vocab, cfg=setup.pipeline,
-                                seq_len=unit.seq_len, batch_size=setup.config.train.batch_size)
-        step = ttft.per_task_step(fns, optimizer, mesh)
-        seeds = jnp.asarray([task_seed(tasks[i].task_id) for i in unit.tasks])
-        init = lambda k: init_lora(k, setup.params, setup.lora)
-        states = ttft.init_per_task_states(
-            init, optimizer, np.asarray(seeds), setup.stream(INIT), mesh)
-        sharded = NamedSharding(mesh, P(ttft.TASKS))
-        data = jax.device_put(ttft.select_tasks(arrays, unit.tasks), sharded)
-        seeds = jax.device_put(seeds, sharded)
-        data_key, dropout_key = setup.stream(DATA), setup.stream(DROPOUT)
+    for members in groups.values():
+        for i in members:
+            tree = load_task_adapter(setup, tasks[i].task_id)
+            if tree is not None:
+                adapters[i] = tree
+    todo_total = sum(len(m) for m in groups.values()) - len(adapters)
+    setup.job.advance(len(adapters))
+    log.info("per-task TTFT: %d tasks to train, %d already trained", todo_total, len(adapters))
+    finished, offset = True, 0
+    shared = sum(x.nbytes for x in jax.tree.leaves(setup.params))
+    n_local = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+    for seq_len, members in groups.items():
+        todo = [i for i in members if i not in adapters]
+        if not todo or setup.job.training_must_stop():
+            finished &= not todo
+            continue
+        fns = ttft.per_task_fns(
+            _step_fns(setup, setup.train_loss_tokens([tasks[i] for i in members], seq_len)),
+            vocab=setup.vocab, cfg=setup.pipeline, seq_len=seq_len,
+            batch_size=cfg.train.batch_size)
+        step = ttft.per_task_step(fns, optimizer, mesh)  # one program per bucket
+        per_device = cfg.ttft.tasks_per_device
+        if per_device <= 0:
+            compile_for = _per_task_compiler(setup, step, optimizer, init, arrays, mesh,
+                                             data_key, dropout_key, base)
+            most = -(-len(todo) // mesh.size)
+            per_device, used = ttft.fit_tasks_per_device(
+                compile_for, setup.budget_bytes, n_local, most, shared)
+            log.info("bucket %d: %d task(s) per device (XLA estimate %.2f GiB of the %.2f GiB "
+                     "step budget)", seq_len, per_device, used / 2**30,
+                     setup.budget_bytes / 2**30)
+            if used > setup.budget_bytes:
+                log.warning("bucket %d: one task per device needs %.2f GiB, over the budget "
+                            "(config.memory_gb = %s)", seq_len, used / 2**30, cfg.memory_gb)
+        for unit in ttft.plan_units({seq_len: todo}, mesh.size, per_device):
+            seeds = np.asarray([task_seed(tasks[i].task_id) for i in unit.tasks])
+            states = ttft.init_per_task_states(init, optimizer, seeds, setup.stream(INIT), mesh)
+            data = jax.device_put(ttft.select_tasks(arrays, unit.tasks), sharded)
+            unit_seeds = jax.device_put(jnp.asarray(seeds), sharded)
 
-        def step_fn(state, s, step=step, data=data, seeds=seeds, dk=data_key, rk=dropout_key):
-            train, metrics = step(state["train"], data, seeds, setup.params, jnp.int32(s), dk, rk)
-            return {**state, "train": train}, metrics
+            def step_fn(state, s, step=step, data=data, seeds=unit_seeds):
+                train, metrics = step(state["train"], data, seeds, base,
+                                      ttft.place(np.int32(s), replicated), data_key,
+                                      dropout_key)
+                return {**state, "train": train}, metrics
 
-        state, done = _run_steps(setup, unit.name, {"train": states}, step_fn, steps,
-                                 offset=u * steps)
-        finished &= done
-        for i, tree in zip(unit.tasks[: unit.n_real],
-                           ttft.unstack(state["train"].trainable, unit.n_real), strict=True):
-            adapters[i] = tree
+            name = f"bucket{seq_len}_{tasks[unit.tasks[0]].task_id}_{unit.n_real}"
+            state, done = _run_steps(setup, name, {"train": states}, step_fn, steps,
+                                     offset=offset, work=unit.n_real)
+            offset += steps
+            finished &= done
+            trees = ttft.unstack(state["train"].trainable, unit.n_real)
+            for i, tree in zip(unit.tasks[: unit.n_real], trees, strict=True):
+                adapters[i] = tree
+                if done and jax.process_index() == 0:
+                    save_task_adapter(setup, tasks[i].task_id, tree)
+            if not done:
+                break
     return adapters, finished
 
 
@@ -312,7 +440,7 @@ def train_joint(
             jax.random.fold_in(data_key, s), jax.random.fold_in(dropout_key, s))
         return {**state, "train": train}, metrics
 
-    state, done = _run_steps(setup, name, state, step_fn, cfg.steps)
+    state, done = _run_steps(setup, name, state, step_fn, cfg.steps, work=len(tasks))
     return jax.device_get(state["train"].trainable), done
 
 
@@ -333,7 +461,7 @@ def export_model(setup: Setup, trainable: Any, directory: str) -> None:
 def eval_settings(config) -> EvalSettings:
     e = config.eval
     return EvalSettings(n_augmentations=e.n_augmentations, temperature=float(e.temperature),
-                        top_k=e.top_k, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
+                        top_k=e.top_k, max_new_tokens=e.max_new_tokens)
 
 
 def evaluate_and_write(
@@ -343,17 +471,30 @@ def evaluate_and_write(
     """Val loss, decoding, voting and metrics; writes results.json, predictions/,
     submission.json and TensorBoard scalars/images (process 0). Returns the overall metrics."""
     arrays = pad_tasks(tasks)
-    outputs = evaluate_tasks(
-        setup.model, params, setup.tokenizer, setup.vocab, setup.pipeline, tasks, arrays,
-        adapters, setup.lora, eval_settings(setup.config), setup.stream(EVAL),
-        [task_seed(t.task_id) for t in tasks], setup.max_loss_tokens)
+    setup.job.describe("evaluate")
+    with setup.job.phase("evaluate"):
+        outputs = evaluate_tasks(
+            setup.model, params, setup.tokenizer, setup.vocab, setup.pipeline, tasks, arrays,
+            adapters, setup.lora, eval_settings(setup.config), setup.stream(EVAL),
+            [task_seed(t.task_id) for t in tasks], setup.max_loss_tokens, setup.budget_bytes,
+            mesh=ttft.device_mesh(ttft.TASKS), cache_dir=os.path.join(setup.workdir, "eval"),
+            out_of_time=lambda: setup.job.seconds_left() <= 0)
+    setup.job.advance(len(tasks))
     by_id = {t.task_id: t for t in tasks}
     evaluation = evaluate(by_id, outputs.candidates, setup.pipeline.fmt,
                           val_loss=outputs.val_loss or None,
                           val_tokens=outputs.val_tokens or None)
     if jax.process_index() == 0:
+        not_decoded = sorted(t.task_id for t in tasks if not any(
+            outputs.candidates.get((t.task_id, q)) for q in range(len(t.test))))
+        if not_decoded:
+            log.warning("%d task(s) have no decoded answer (skipped as too long, or out of "
+                        "time) and get the fallback in submission.json: %s", len(not_decoded),
+                        ", ".join(not_decoded))
+        metadata = {**setup.config.to_dict(), "phase_seconds": setup.job.phase_seconds,
+                    "not_decoded": not_decoded}
         write_results(setup.workdir, evaluation, by_id, name=setup.config.name,
-                      metadata=setup.config.to_dict(), ttft_seconds=ttft_seconds)
+                      metadata=metadata, ttft_seconds=ttft_seconds)
         step = setup.config.train.steps if setup.config.mode != "evaluate" else 0
         overall = {k: v for k, v in evaluation.overall.items()
                    if isinstance(v, (int, float)) and v is not None}
@@ -372,16 +513,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     stopped early (`train.stop_after_steps`) and is to be resumed."""
     if config.distributed.initialize or os.environ.get("ARC_JAX_DISTRIBUTED") == "1":
         jax.distributed.initialize()
+    with claim_workdir(config, workdir):  # the lock, and a resume only under the same config
+        return _run_claimed(config, workdir)
+
+
+def _run_claimed(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     setup = load_setup(config, workdir)
     try:
         eval_tasks = load_task_list(config.data.eval, config.data.eval_solutions,
                                     config.data.max_tasks, config.data.task_ids)
         params, adapters, seconds, done = setup.params, None, None, True
+        setup.job.add_work(len(eval_tasks))  # evaluation
         start = time.perf_counter()
         if config.mode == "finetune":
-            train_tasks = load_task_list(config.data.train, "", config.data.max_tasks)
-            trainable, done = train_joint(setup, train_tasks, pad_tasks(train_tasks),
-                                          name="finetune")
+            from arc_jax.train import finetune
+
+            data = finetune.load_training_data(config, setup.vocab, setup.pipeline.fmt,
+                                               eval_tasks)
+            finetune.write_report(data, workdir)
+            state, step_fn = finetune.make_training(
+                setup, data, init_key=setup.stream(INIT), data_key=setup.stream(DATA),
+                dropout_key=setup.stream(DROPOUT))
+            state, done = _run_steps(setup, "finetune", state, step_fn, config.train.steps)
+            trainable = jax.device_get(state["train"].trainable)
             if done and jax.process_index() == 0:
                 export_model(setup, trainable, workdir)
             if setup.lora is None:
@@ -390,14 +544,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
                 adapters = trainable
         elif config.mode == "ttft":
             arrays = pad_tasks(eval_tasks)
-            if config.ttft.mode == "per_task":
-                adapters, done = train_per_task(setup, eval_tasks, arrays)
-            else:
-                adapters, done = train_joint(setup, eval_tasks, arrays)
+            setup.job.add_work(len(eval_tasks))
+            with setup.job.phase("ttft"):
+                if config.ttft.mode == "per_task":
+                    adapters, done = train_per_task(setup, eval_tasks, arrays)
+                else:
+                    adapters, done = train_joint(setup, eval_tasks, arrays)
             seconds = time.perf_counter() - start
-        if not done:
-            log.warning("stopped after train.stop_after_steps; rerun the same command to resume")
+        if not done and not setup.job.deadline_hit:
+            log.warning("stopped after train.stop_after_steps or train.stop_after_minutes; "
+                        "rerun the same command to resume")
             return None
+        if setup.job.deadline_hit:
+            log.warning("the job's deadline (deadline_minutes = %s) stopped training; "
+                        "evaluating what was trained", config.deadline_minutes)
         return evaluate_and_write(setup, eval_tasks, adapters, params, seconds)
     finally:
+        setup.job.close()
         setup.writer.close()

@@ -8,6 +8,7 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
+from arc_jax.data import pools
 from arc_jax.data.formats import GRID_FORMATS, LOSS_ON
 from arc_jax.data.pipeline import OVERFLOW, PipelineConfig
 from arc_jax.model.attention import IMPLEMENTATIONS
@@ -57,13 +58,16 @@ def check(config: ml_collections.ConfigDict) -> None:
     _choice(config, "data.overflow", OVERFLOW)
     _choice(config, "train.schedule", SCHEDULES)
     for key in ("train.steps", "train.batch_size", "train.grad_accum", "lora.rank",
-                "augment.n_leave_out", "eval.n_augmentations", "eval.batch_size",
+                "augment.n_leave_out", "eval.n_augmentations",
                 "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                 "model.attention_block"):
         _at_least(config, key, 1)
     for key in ("data.max_tasks", "train.warmup_steps", "eval.top_k", "eval.temperature",
-                "ttft.tasks_per_device", "train.learning_rate", "lora.dropout"):
+                "ttft.tasks_per_device", "train.learning_rate", "lora.dropout",
+                "deadline_minutes", "train.stop_after_minutes", "eval.reserve_minutes"):
         _at_least(config, key, 0)
+    if not config.memory_gb > 0:
+        raise ConfigError(f"config.memory_gb = {config.memory_gb!r}: must be > 0")
     if not 0.0 <= config.augment.preserve_color_prob <= 1.0:
         raise ConfigError("config.augment.preserve_color_prob must be in [0, 1]")
     if not config.lora.enabled and config.mode != "finetune":
@@ -78,6 +82,29 @@ def check(config: ml_collections.ConfigDict) -> None:
     solutions = config.data.eval_solutions
     if solutions and not os.path.isfile(solutions):
         raise ConfigError(f"config.data.eval_solutions = {solutions!r}: no such file")
+    check_training_data(config)
+
+
+def check_training_data(config) -> None:
+    """`data.train` (a source or (source, weight) pairs; in finetune mode each must exist),
+    `data.holdout` and `data.context_pairs`."""
+    try:
+        sources = pools.parse_sources(config.data.train)
+        if config.mode == "finetune":
+            for name, _ in sources:
+                pools.check_source_exists(name)
+    except ValueError as e:
+        raise ConfigError(f"config.data.train = {config.data.train!r}: {e}") from None
+    try:
+        pools.check_holdout(config.data.holdout)
+    except ValueError as e:
+        raise ConfigError(f"config.data.holdout: {e}") from None
+    context = config.data.context_pairs
+    if not (isinstance(context, (tuple, list)) and len(context) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in context)
+            and 1 <= context[0] <= context[1]):
+        raise ConfigError(f"config.data.context_pairs = {context!r}: must be (min, max) context "
+                          "pairs with 1 <= min <= max")
 
 
 def buckets(config) -> tuple[int, ...]:

@@ -15,6 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.mode = "ttft"  # finetune | ttft | evaluate
     c.workdir = ""  # "" = workdirs/<name>
     c.seed = 0  # the one seed: params, data, dropout and decoding keys derive from it
+    c.memory_gb = 8.0  # memory budget of the job: sizes TTFT units (XLA's estimate of the step)
+    c.deadline_minutes = 0.0  # > 0: stop training in time to evaluate and write a submission
+    c.compilation_cache = "~/.cache/arc_jax/xla"  # JAX's persistent compilation cache; "" = off
 
     c.model = ml_collections.ConfigDict()
     c.model.path = DEFAULT_MODEL  # a transformers Phi-3 directory (config.json + safetensors)
@@ -27,6 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention = "blocked"  # blocked | xla | dot_product (cuDNN's fused kernel on GPU)
     c.model.attention_block = 128  # query rows per block of "blocked"
     c.model.remat = False  # recompute each layer's activations in the backward pass
+    # finetune from scratch: hidden_size > 0 makes a random Phi-3 of this size for the shipped
+    # ARC tokenizer (seeded by `seed`) instead of loading model.path
+    c.model.scratch = ml_collections.ConfigDict(dict(
+        hidden_size=0, num_hidden_layers=0, num_attention_heads=0, num_key_value_heads=0,
+        intermediate_size=0))
 
     c.lora = ml_collections.ConfigDict()
     c.lora.enabled = True  # False = full fine-tuning (finetune mode only)
@@ -36,7 +44,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = "kaggle2024/training"  # finetune mode: the tasks to train on
+    # finetune mode: what to train on. A source (bundle name, directory of ARC task files or of
+    # RE-ARC pools `<task_id>.json` = [{"input", "output"}, ...], challenges file) or a tuple of
+    # (source, weight): episodes are drawn from sources in proportion to their weights.
+    c.data.train = ml_collections.FieldReference("kaggle2024/training", field_type=object)
+    # finetune: tasks held out of base training (for tuning), RE-ARC pools included: "every:N[:K]"
+    # = every N-th sorted kaggle2024/training id from the K-th, "id1,id2,...", or "none".
+    # The default holds out 50 tasks: 007bbfb7, 06df4c85, ... (arc_jax.data.pools.holdout_ids).
+    c.data.holdout = "every:8"
+    c.data.context_pairs = (2, 4)  # finetune episodes: context pairs drawn from min..max per row
     c.data.eval = "kaggle2024/evaluation"  # ttft/evaluate: bundle name, dir or challenges file
     c.data.eval_solutions = ""  # Kaggle solutions file for a challenges data.eval
     c.data.max_tasks = 0  # 0 = all; N = the first N task ids in sorted order
@@ -69,18 +85,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 50
     c.train.keep_checkpoints = 2
     c.train.stop_after_steps = 0  # >0: stop this process after N updates; rerun to resume
+    c.train.stop_after_minutes = 0.0  # >0: pause after this long (checkpointed); rerun to resume
 
     c.ttft = ml_collections.ConfigDict()
     c.ttft.mode = "per_task"  # joint (one adapter for all tasks) | per_task (one adapter each)
-    c.ttft.tasks_per_device = 0  # per_task: adapters vmapped per device at once; 0 = all
+    c.ttft.tasks_per_device = 0  # per_task: adapters vmapped per device; 0 = from memory_gb
 
     c.eval = ml_collections.ConfigDict()
     c.eval.n_augmentations = 8  # decoded views per test input (dihedral x colour), voted
     c.eval.temperature = 0.0  # 0 = greedy
     c.eval.top_k = 0
-    c.eval.batch_size = 8
     c.eval.max_new_tokens = 0  # 0 = enough for a 30x30 grid in the format
     c.eval.images = 4  # tasks rendered to TensorBoard
+    c.eval.reserve_minutes = 0.0  # kept for evaluation before deadline_minutes; 0 = a quarter
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = False  # jax.distributed.initialize() (or ARC_JAX_DISTRIBUTED=1)

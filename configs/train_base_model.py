@@ -1,15 +1,24 @@
-"""Trains the project's own small Phi-3-architecture model from scratch (full fine-tuning of the
-tiny random model, no LoRA) on the kaggle2024 training tasks with the augmentations; the exported
+"""Trains the project's own small Phi-3-architecture model from scratch (a random model of
+`model.scratch`'s size, all weights trained, no LoRA) on the kaggle2024 training tasks plus
+RE-ARC pools of generated pairs for the same tasks, with the augmentations; the exported
 `workdirs/train_base_model/model` is a transformers directory usable as `model.path`.
 
     python -m arc_jax.main --config=configs/train_base_model.py
     python -m arc_jax.main --config=configs/train_base_model.py --config.train.steps=20 \
         --config.data.max_tasks=8      # a quick run
+    python -m arc_jax.main --config=configs/train_base_model.py \
+        --config.data.train=kaggle2024/training      # without RE-ARC data
+
+Evaluation tasks and pairs never enter training, nor do the held-out training tasks
+(`data.holdout`, every 8th kaggle2024/training id); `<workdir>/training_data.json` lists what was
+excluded and used.
 
 Not a row of the research log: it makes the baseline model the log's rows start from.
 """
 
 from configs import base
+
+RE_ARC = "../shared/data/re_arc/tasks"
 
 
 def get_config():
@@ -17,13 +26,20 @@ def get_config():
     c.name = "train_base_model"
     c.mode = "finetune"
     c.lora.enabled = False
-    c.data.train = "kaggle2024/training"
+    # RE-ARC pairs for the 400 training tasks (../shared/data/re_arc, or generate your own: see
+    # the README); three quarters of the episodes come from them.
+    c.data.train = (("kaggle2024/training", 1.0), (RE_ARC, 3.0))
     c.augment.geometric = True
     c.augment.color_swap = True
-    c.train.steps = 2000
+    # From scratch: 4 layers, hidden 192, 6 query / 2 key-value heads (1.6 M parameters).
+    c.model.scratch.update(dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
+                                num_key_value_heads=2, intermediate_size=512))
+    c.model.matmul_dtype = "bfloat16"
+    c.data.max_seq_len = 4096
+    c.train.steps = 3000
     c.train.batch_size = 8
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 100
     c.train.weight_decay = 0.01
-    c.train.checkpoint_every = 200
+    c.train.checkpoint_every = 50
     return c

@@ -42,6 +42,9 @@ def tiny(name: str, **overrides):
     if config.mode == "finetune":
         config.data.train = "kaggle2024/training"
         config.data.max_tasks = 2
+        config.model.scratch.update(dict(hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         intermediate_size=64))
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")

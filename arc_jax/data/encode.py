@@ -7,12 +7,15 @@ fixed-size token blocks with validity masks, in prompt order:
     answer_suffix
 
 then compacted (cumsum of the validity mask → position, scatter) into one row of a length bucket.
-Context pairs that do not fit are dropped from the end when `truncate`; `fits` says whether the
-whole episode fit, so a caller can skip instead.
+The first input_label (context pair 0's, or the query's when no pair is kept) is written as
+`first_input_label`: what the tokenizer writes right after the prefix (see
+`arc_jax.data.tokenizer`). Context pairs that do not fit are dropped from the end when
+`truncate`; `fits` says whether the whole episode fit, so a caller can skip instead.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -69,6 +72,15 @@ def _piece(vocab: TokenVocab, name: str, valid, loss=False) -> _Block:
     ids = jnp.asarray(vocab.pieces[i])
     mask = (jnp.arange(ids.shape[0]) < vocab.piece_lens[i]) & valid
     return _Block(ids, mask, mask & loss)
+
+
+def _first_label(vocab: TokenVocab, block: _Block, first) -> _Block:
+    """`block` (which starts with an input_label piece) with `first_input_label`'s ids there
+    when the traced scalar `first` is True (both pieces have the same length)."""
+    width = vocab.pieces.shape[1]
+    alt = jnp.asarray(vocab.pieces[PIECES.index("first_input_label")])
+    return block._replace(
+        tokens=block.tokens.at[:width].set(jnp.where(first, alt, block.tokens[:width])))
 
 
 def grid_block(vocab: TokenVocab, fmt: GridFormat, grid, shape, valid, loss=False) -> _Block:
@@ -137,13 +149,13 @@ def encode_episode(
     all_outputs = loss_on == "all_outputs"
     true = jnp.asarray(True)
 
-    def pair_block(grids, shapes, valid):
-        return _concat(
+    def pair_block(grids, shapes, valid, first):
+        return _first_label(vocab, _concat(
             _piece(vocab, "input_label", valid),
             grid_block(vocab, fmt, grids[0], shapes[0], valid),
             _piece(vocab, "output_label", valid),
             grid_block(vocab, fmt, grids[1], shapes[1], valid, loss=all_outputs),
-        )
+        ), first)
 
     head = _concat(_piece(vocab, "bos", true), _piece(vocab, "prefix", true))
     query = _concat(
@@ -157,7 +169,8 @@ def encode_episode(
         _piece(vocab, "answer_suffix", answer_valid, loss=True),
     )
     pair_valid = jnp.arange(n_pairs) < n_context
-    pairs = jax.vmap(pair_block)(context, context_shapes, pair_valid)  # each [P, n]
+    pairs = jax.vmap(pair_block)(context, context_shapes, pair_valid,
+                                 jnp.arange(n_pairs) == 0)  # each [P, n]
     pair_lens = jnp.sum(pairs.valid, axis=1, dtype=jnp.int32)
     fixed = _length(head) + _length(query) + _length(answer)
     total = fixed + jnp.sum(pair_lens)
@@ -168,6 +181,7 @@ def encode_episode(
         pairs = _Block(pairs.tokens, pairs.valid & keep[:, None], pairs.loss & keep[:, None])
     else:
         kept = jnp.minimum(n_context, n_pairs).astype(jnp.int32)
+    query = _first_label(vocab, query, kept == 0)
     pairs = _Block(*(x.reshape(-1) for x in pairs))
     prompt_length = _length(head) + _length(pairs) + _length(query)
     full = _concat(head, pairs, query, answer)
@@ -198,45 +212,110 @@ def episode_text(
     return prompt, answer_text(answer, fmt, template) if answer is not None else ""
 
 
+def device_layout(
+    vocab: TokenVocab,
+    fmt: GridFormat,
+    context: list[tuple[np.ndarray, np.ndarray]],
+    query: np.ndarray,
+    answer: np.ndarray | None,
+) -> list[tuple[str, list[int]]]:
+    """Host twin of `encode_episode` for unpadded grids `[h, w]`: the ids it writes, as
+    (what, ids) spans in order (a template piece, or one line of a named grid)."""
+    def piece(name):
+        i = PIECES.index(name)
+        return name, vocab.pieces[i, : vocab.piece_lens[i]].tolist()
+
+    def number(n):
+        return vocab.numbers[n, : vocab.number_lens[n]].tolist()
+
+    def grid(g, what):
+        h, w = g.shape
+        spans = []
+        if fmt.shape_header:
+            spans.append((f"{what} grid, shape header",
+                          number(h) + [int(vocab.x)] + number(w) + [int(vocab.newline)]))
+        for r in range(h):
+            ids = number(r + 1) + [int(vocab.space)] if fmt.row_numbers else []
+            ids += [int(vocab.digits[c]) for c in g[r]] + [int(vocab.newline)]
+            spans.append((f"{what} grid, row {r + 1}", ids))
+        return spans
+
+    spans = [piece("bos"), piece("prefix")]
+    for k, (grid_in, grid_out) in enumerate(context):
+        spans.append(piece("first_input_label" if k == 0 else "input_label"))
+        spans += grid(grid_in, f"context pair {k + 1} input")
+        spans.append(piece("output_label"))
+        spans += grid(grid_out, f"context pair {k + 1} output")
+    spans.append(piece("input_label" if context else "first_input_label"))
+    spans += grid(query, "query input")
+    spans.append(piece("query_suffix"))
+    if answer is not None:
+        spans += grid(answer, "answer")
+        spans.append(piece("answer_suffix"))
+    return spans
+
+
+def _sample_episodes() -> list[tuple[list, np.ndarray, np.ndarray]]:
+    """(context, query, answer) prompts that use every digit, row numbers 1..30, two-digit
+    header numbers, both places of the first input label, and several context pairs."""
+    rng = np.random.default_rng(0)
+    grid = lambda h, w: rng.integers(0, 10, (h, w))
+    return [
+        ([(grid(30, 29), grid(3, 12)), (grid(2, 2), grid(1, 1))], grid(11, 1),
+         np.arange(10).reshape(1, 10)),
+        ([], grid(5, 7), grid(4, 30)),
+    ]
+
+
+def _padded_grid(g: np.ndarray) -> np.ndarray:
+    out = np.zeros((MAX_SIDE, MAX_SIDE), np.int32)
+    out[: g.shape[0], : g.shape[1]] = g
+    return out
+
+
+def _describe(template: PromptTemplate, what: str) -> str:
+    texts = template.pieces()
+    texts["first_input_label"] = texts["input_label"]
+    if what == "bos":
+        return "the tokenizer's special prefix (bos)"
+    return f"{what} {texts[what]!r}" if what in texts else what
+
+
 def check_device_encoding(
     tokenizer, fmt: GridFormat, template: PromptTemplate = PromptTemplate()
 ) -> TokenVocab:
     """Derives the vocab and proves that on-device encoding equals the tokenizer's own encoding
-    of a sample prompt (every digit, row number 1..30, both header numbers); raises
-    `TokenizerError` when it does not hold."""
+    of sample prompts (every digit, row numbers 1..30, header numbers, with and without context
+    pairs); raises `TokenizerError` naming the first piece where it does not hold."""
     vocab = token_vocab(tokenizer, template)
-    rng = np.random.default_rng(0)
-    grids = [
-        rng.integers(0, 10, (30, 29)), rng.integers(0, 10, (3, 12)),
-        rng.integers(0, 10, (11, 1)), np.arange(10).reshape(1, 10),
-    ]
-    context = [(grids[0], grids[1])]
-    query, answer = grids[2], grids[3]
-    expected = encode_text(tokenizer, *episode_text(context, query, answer, fmt, template))
-
-    def padded(g):
-        out = np.zeros((MAX_SIDE, MAX_SIDE), np.int32)
-        out[: g.shape[0], : g.shape[1]] = g
-        return out
-
-    got = encode_episode(
-        vocab, fmt,
-        context=jnp.asarray(np.stack([np.stack([padded(grids[0]), padded(grids[1])])])),
-        context_shapes=jnp.asarray([[grids[0].shape, grids[1].shape]]),
-        n_context=jnp.int32(1),
-        target=jnp.asarray(np.stack([padded(query), padded(answer)])),
-        target_shapes=jnp.asarray([query.shape, answer.shape]),
-        seq_len=len(expected) + 8,
-    )
-    got_ids = np.asarray(got.tokens[: int(got.length)]).tolist()
-    if got_ids != expected:
-        first = next(
-            (i for i, (a, b) in enumerate(zip(got_ids, expected, strict=False)) if a != b),
-            min(len(got_ids), len(expected)),
-        )
+    samples = _sample_episodes()
+    expected = [encode_text(tokenizer, *episode_text(c, q, a, fmt, template))
+                for c, q, a in samples]
+    n_pairs = max(len(c) for c, _, _ in samples)
+    blank = np.zeros((2, MAX_SIDE, MAX_SIDE), np.int32)
+    context = np.stack([np.stack(
+        [np.stack([_padded_grid(g) for g in pair]) for pair in c]
+        + [blank] * (n_pairs - len(c))) for c, _, _ in samples])
+    context_shapes = np.asarray([[[g.shape for g in pair] for pair in c]
+                                 + [[(0, 0), (0, 0)]] * (n_pairs - len(c))
+                                 for c, _, _ in samples])
+    encode = jax.jit(jax.vmap(functools.partial(
+        encode_episode, vocab, fmt, seq_len=max(map(len, expected)) + 8)))
+    got = jax.device_get(encode(
+        context, context_shapes, np.asarray([len(c) for c, _, _ in samples], np.int32),
+        np.stack([np.stack([_padded_grid(q), _padded_grid(a)]) for _, q, a in samples]),
+        np.asarray([[q.shape, a.shape] for _, q, a in samples])))
+    for i, ((c, q, a), want) in enumerate(zip(samples, expected, strict=True)):
+        ids = got.tokens[i, : got.length[i]].tolist()
+        if ids == want:
+            continue
+        first = next((k for k, (u, v) in enumerate(zip(ids, want, strict=False)) if u != v),
+                     min(len(ids), len(want)))
+        spans = device_layout(vocab, fmt, c, q, a)
+        owners = [what for what, span in spans for _ in span]
+        where = _describe(template, owners[first]) if first < len(owners) else "the end"
         raise TokenizerError(
-            f"on-device encoding differs from the tokenizer's at token {first} "
-            f"(device {got_ids[first:first + 5]} vs tokenizer {expected[first:first + 5]}); "
-            "this tokenizer does not spell grids token by token"
-        )
+            f"on-device encoding differs from the tokenizer's at token {first}, in {where} "
+            f"(device {ids[first:first + 5]} vs tokenizer {want[first:first + 5]}); "
+            "this tokenizer does not spell grids token by token")
     return vocab

@@ -7,6 +7,11 @@ pair under a given augmentation (so predictions can be inverted and voted on).
 Lengths are known on the host from grid shapes alone (`episode_length`), so each task gets the
 smallest bucket its longest episode fits in; a task longer than the largest bucket is reported and
 skipped, or kept in the largest bucket with context pairs dropped, as configured.
+
+Base training on pools (`pool_train_batch`): a row is k context pairs plus a target drawn from
+one pool of pairs (`sample.sample_pool_episode`), under the same augmentations. Pool pairs vary in
+size, so a task's pool is split on the host into sub-pools of similar pair length, each with one
+bucket (`split_pool`); the on-device sampler fills a row with as many context pairs as fit.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from arc_jax.data import augment, sample
 from arc_jax.data.arrays import TaskArrays
 from arc_jax.data.encode import EncodedExample, encode_episode
 from arc_jax.data.formats import GridFormat, get_grid_format
+from arc_jax.data.pools import PoolArrays, pool_grids
 from arc_jax.data.tokenizer import PIECES, TokenVocab
 
 OVERFLOW = ("truncate", "skip")
@@ -206,3 +212,123 @@ def assign_buckets(
             "%d task(s) longer than the largest bucket (%d tokens), %s: %s",
             len(too_long), cfg.buckets[-1], action, ", ".join(too_long))
     return dict(sorted(groups.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pools: episodes of k context pairs + a target from one (sub-)pool of pairs.
+
+
+def pool_pair_length(vocab: TokenVocab, fmt: GridFormat, input_shape: Sequence[int],
+                     output_shape: Sequence[int]) -> int:
+    """Tokens one pair adds to an episode (its labels and both grids), the larger of its two
+    orientations (a transposing augmentation changes the count of row tokens)."""
+    pl = lambda name: _piece_len(vocab, name)
+    return pl("input_label") + pl("output_label") + max(
+        grid_length(vocab, fmt, input_shape) + grid_length(vocab, fmt, output_shape),
+        grid_length(vocab, fmt, input_shape[::-1]) + grid_length(vocab, fmt, output_shape[::-1]))
+
+
+def pool_fixed_length(vocab: TokenVocab) -> int:
+    """Tokens of an episode besides its pairs' `pool_pair_length`s: an episode of pairs with
+    lengths l_1..l_n (the last the target) takes at most `pool_fixed_length + sum(l)` tokens."""
+    pl = lambda name: _piece_len(vocab, name)
+    return pl("bos") + pl("prefix") + pl("query_suffix") + pl("answer_suffix") - pl("output_label")
+
+
+def split_pool(
+    lengths: Sequence[int], fixed: int, buckets: Sequence[int], max_context: int,
+) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Splits one task's pool into sub-pools of similar pair length, each with its bucket.
+
+    A pair is usable when two pairs of its length fit the largest bucket (a target with at least
+    one context pair); the others are returned as dropped. Each usable pair's class is the
+    smallest bucket that holds `max_context + 1` pairs of its length (else the largest). Classes
+    with fewer than `max_context + 1` pairs merge into the next larger class (the last into the
+    one before), so a small pool (an ARC task) stays whole. A sub-pool's bucket is the smallest
+    that holds its longest episode (its `max_context + 1` longest pairs), else the largest; any
+    two of its pairs fit its bucket.
+
+    Args:
+      lengths: `pool_pair_length` of each pair.
+      fixed: `pool_fixed_length`.
+      buckets: increasing bucket lengths.
+      max_context: most context pairs per episode.
+
+    Returns:
+      ([(bucket, [pair indices]), ...] by increasing pair length, [dropped pair indices]).
+    """
+    largest = buckets[-1]
+    classes: dict[int, list[int]] = {}
+    dropped = []
+    for i, n in enumerate(lengths):
+        if fixed + 2 * n > largest:
+            dropped.append(i)
+            continue
+        bucket = choose_bucket(fixed + (max_context + 1) * n, buckets) or largest
+        classes.setdefault(bucket, []).append(i)
+    groups: list[list[int]] = []
+    pending: list[int] = []
+    for bucket in sorted(classes):
+        pending += classes[bucket]
+        if len(pending) >= max_context + 1:
+            groups.append(pending)
+            pending = []
+    if pending:
+        if groups:
+            groups[-1] += pending
+        else:
+            groups.append(pending)
+    out = []
+    for members in groups:
+        if len(members) < 2:
+            dropped += members
+            continue
+        longest = sorted((lengths[i] for i in members), reverse=True)[: max_context + 1]
+        out.append((choose_bucket(fixed + sum(longest), buckets) or largest, members))
+    return out, sorted(dropped)
+
+
+def pool_train_example(
+    key: jax.Array, pools: PoolArrays, pool: jax.Array, *, vocab: TokenVocab,
+    cfg: PipelineConfig, seq_len: int, max_pool: int, context_pairs: tuple[int, int],
+) -> EncodedExample:
+    """One training row from (sub-)pool index `pool` (scalar) of `pools`, from a PRNG key.
+
+    `max_pool` (static) is at least every pool's `count`; `context_pairs` = (min, max) context
+    pairs. Context pairs that do not fit `seq_len` are never drawn (`encode`'s truncation is a
+    safety net only). Loss on the target output (or every output, `cfg.loss_on`).
+    """
+    k_episode, k_aug = jax.random.split(key)
+    pools = jax.tree.map(jnp.asarray, pools)
+    start, count = pools.start[pool], pools.count[pool]
+    last = pools.lengths.shape[0] - 1
+    lengths = pools.lengths[jnp.minimum(start + jnp.arange(max_pool), last)]
+    lo, hi = context_pairs
+    episode = sample.sample_pool_episode(
+        k_episode, count, lengths, seq_len - pool_fixed_length(vocab), min_context=lo,
+        max_context=hi, n_candidates=4 * (hi + 1))
+    idx = start + jnp.concatenate([episode.context, episode.target[None]])
+    grids, shapes = pool_grids(pools, jnp.minimum(idx, last))
+    valid = jnp.arange(hi) < episode.n_context
+    grids = sample.EpisodeGrids(
+        jnp.where(valid[:, None, None, None], grids[:-1], 0),
+        jnp.where(valid[:, None, None], shapes[:-1], 0), grids[-1], shapes[-1])
+    aug = augment.sample_augmentation(
+        k_aug, geometric=cfg.geometric, color=cfg.color, keep_background=cfg.keep_background,
+        preserve_color_prob=cfg.preserve_color_prob)
+    grids = sample.augment_episode(aug, grids)
+    return encode_episode(
+        vocab, cfg.fmt, grids.context, grids.context_shapes, episode.n_context, grids.target,
+        grids.target_shape, seq_len=seq_len, loss_on=cfg.loss_on, truncate=True)
+
+
+def pool_train_batch(
+    key: jax.Array, pools: PoolArrays, pool_ids: jax.Array, *, vocab: TokenVocab,
+    cfg: PipelineConfig, seq_len: int, max_pool: int, context_pairs: tuple[int, int],
+) -> EncodedExample:
+    """Training rows for (sub-)pool indices `pool_ids` `[B]`: every field gains a `[B]` axis."""
+    keys = jax.random.split(key, pool_ids.shape[0])
+    one = lambda k, p: pool_train_example(
+        k, pools, p, vocab=vocab, cfg=cfg, seq_len=seq_len, max_pool=max_pool,
+        context_pairs=context_pairs)
+    return jax.vmap(one)(keys, pool_ids)

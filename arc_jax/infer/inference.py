@@ -12,30 +12,43 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from arc_jax.atomic import write_json_atomic
 from arc_jax.data import augment
 from arc_jax.data.arrays import TaskArrays
 from arc_jax.data.formats import GridFormat
 from arc_jax.data.pipeline import (
     PipelineConfig,
     assign_buckets,
-    choose_bucket,
     episode_length,
     eval_batch,
 )
 from arc_jax.data.tasks import Task
 from arc_jax.data.tokenizer import TokenVocab
 from arc_jax.infer.evaluate import Candidate
-from arc_jax.infer.generate import generate_per_task, max_answer_tokens, prompts_that_fit
-from arc_jax.model.lora import LoraConfig, stack_lora
+from arc_jax.infer.generate import (
+    _decode,
+    _decode_sharded,
+    _options,
+    generate_per_task,
+    max_answer_tokens,
+    prompts_that_fit,
+)
+from arc_jax.model.lora import LoraConfig, init_lora, stack_lora
 from arc_jax.model.phi3 import Phi3
 from arc_jax.train.step import masked_nll
+from arc_jax.train.ttft import gather
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +58,6 @@ class EvalSettings:
     n_augmentations: int = 8
     temperature: float = 0.0
     top_k: int = 0
-    batch_size: int = 8  # tasks per compiled call
     max_new_tokens: int = 0  # 0 = the largest answer in the format
 
 
@@ -83,36 +95,25 @@ def prompt_length(vocab: TokenVocab, fmt: GridFormat, task: Task, answer: bool) 
     return longest
 
 
-def _groups(lengths: Sequence[int], buckets: Sequence[int]) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(choose_bucket(n, buckets) or buckets[-1], []).append(i)
-    return groups
-
-
-def _chunks(members: list[int], size: int):
+def _chunks(members: list, size: int):
     for start in range(0, len(members), size):
         chunk = members[start:start + size]
         yield chunk, chunk + [chunk[-1]] * (size - len(chunk))
 
 
-def _val_nll(params, lora_stack, arrays, tasks, *, model, lora_config, vocab, cfg, seq_len,
-             max_loss_tokens):
-    """Per (task, test) NLL sums and token counts `[G, Q]` for identity-augmented test pairs."""
-    n_tests = arrays.test.shape[1]
+def _val_nll(params, lora_stack, arrays, tasks, tests, *, model, lora_config, vocab, cfg,
+             seq_len, max_loss_tokens):
+    """NLL sums and token counts `[G]` of identity-augmented test pairs (`tasks`, `tests` `[G]`),
+    group g under adapter `lora_stack[g]`."""
     ident = augment.Augmentation(jnp.int32(0), jnp.arange(10, dtype=jnp.int32))
 
-    def one_task(lora, task):
-        def one_test(q):
-            row = eval_batch(arrays, task[None], q[None],
-                             jax.tree.map(lambda x: x[None], ident),
-                             vocab=vocab, cfg=cfg, seq_len=seq_len)
-            return masked_nll(model, params, lora, lora_config, row, max_loss_tokens)
-
-        return jax.vmap(one_test)(jnp.arange(n_tests))
+    def one(lora, task, test):
+        row = eval_batch(arrays, task[None], test[None], jax.tree.map(lambda x: x[None], ident),
+                         vocab=vocab, cfg=cfg, seq_len=seq_len)
+        return masked_nll(model, params, lora, lora_config, row, max_loss_tokens)
 
     lora_axis = None if lora_stack is None else 0
-    return jax.vmap(one_task, in_axes=(lora_axis, 0))(lora_stack, tasks)
+    return jax.vmap(one, in_axes=(lora_axis, 0, 0))(lora_stack, tasks, tests)
 
 
 def _prompts(arrays, tasks, tests, augs, *, vocab, cfg, seq_len):
@@ -120,88 +121,237 @@ def _prompts(arrays, tasks, tests, augs, *, vocab, cfg, seq_len):
                       with_answer=False)
 
 
+def test_length(vocab: TokenVocab, fmt: GridFormat, task: Task, q: int, answer: bool) -> int:
+    """Longest evaluation episode of `task`'s test input `q` over both orientations, with its
+    answer (a known output) or the prompt only."""
+    test, longest = task.test[q], 0
+    for flip in (False, True):
+        orient = (lambda s: s[::-1]) if flip else (lambda s: s)
+        context = [(orient(p.input.shape), orient(p.output.shape)) for p in task.train]
+        out = orient(test.output.shape) if answer and test.output is not None else None
+        longest = max(longest, episode_length(vocab, fmt, context, orient(test.input.shape),
+                                              out))
+    return longest
+
+
+def _fit_groups(compile_for, budget_bytes: float, most: int, shared_bytes: int,
+                n_local: int) -> int:
+    """Groups per device per call that fit the budget, from XLA's estimate of the program
+    (see `arc_jax.train.ttft.fit_tasks_per_device`)."""
+    from arc_jax.train.ttft import fit_tasks_per_device
+
+    return fit_tasks_per_device(compile_for, budget_bytes, n_local, most, shared_bytes)[0]
+
+
 def evaluate_tasks(
     model: Phi3, params: Any, tokenizer, vocab: TokenVocab, pipeline: PipelineConfig,
     tasks: Sequence[Task], arrays: TaskArrays, adapters: Mapping[int, Any] | Any | None,
     lora_config: LoraConfig | None, settings: EvalSettings, key: jax.Array,
-    task_keys: Sequence[int], max_loss_tokens: int,
+    task_keys: Sequence[int], max_loss_tokens: int, budget_bytes: float = 6 * 2**30,
+    mesh: Mesh | None = None, cache_dir: str | None = None,
+    out_of_time: Callable[[], bool] = lambda: False,
 ) -> EvalOutputs:
-    """Val loss and candidates for every task.
+    """Val loss and candidates for every test input of every task.
 
-    adapters: `{task index: LoRA tree}` (per-task), one LoRA tree for all, or None (base).
-    task_keys: each task's random stream index (its augmentations and sampling keys).
+    adapters: `{task index: LoRA tree}` (per-task; a task without one runs the base), one LoRA
+    tree for all, or None (base). task_keys: each task's random stream index (its views and
+    sampling keys). Work is done per (task, test input) group, each with its own adapter and
+    `n_augmentations` rows, so a task decodes only its own test inputs. Groups are bucketed by
+    length (`assign_buckets`, honouring `pipeline.overflow`), batched as many per call as
+    `budget_bytes` allows (XLA's estimate of the compiled program) and, with a `mesh` of
+    several devices, sharded over it. Results do not depend on which other tasks are
+    evaluated, how many at once, or on how many devices. With `cache_dir`, each group's results
+    are kept there as they come (`GroupCache`), so a killed evaluation resumes where it was.
+    Once `out_of_time()`, no more calls are made: the groups not done get no candidates.
     """
     fmt = pipeline.fmt
     per_task = isinstance(adapters, Mapping) and all(isinstance(k, int) for k in adapters)
     n_views = settings.n_augmentations
     max_new = settings.max_new_tokens or max_answer_tokens(vocab, fmt)
-    n_tests = arrays.test.shape[1]
-    device_arrays = jax.tree.map(jnp.asarray, arrays)
+    n_dev = 1 if mesh is None else mesh.size
+    n_local = 1 if mesh is None else sum(
+        d.process_index == jax.process_index() for d in mesh.devices.flat)
+    if mesh is not None:
+        from arc_jax.train.ttft import place
+
+        params = place(params, NamedSharding(mesh, P()))  # on the mesh once
+        device_arrays = place(jax.tree.map(jnp.asarray, arrays), NamedSharding(mesh, P()))
+    else:
+        device_arrays = jax.tree.map(jnp.asarray, arrays)
+    shared = sum(x.nbytes for x in jax.tree.leaves(params))
     out = EvalOutputs({}, {}, {})
-    # Closures over the (unhashable) vocab; jitted once per evaluation and shape.
-    val_nll = jax.jit(functools.partial(
-        _val_nll, model=model, lora_config=lora_config, vocab=vocab, cfg=pipeline,
-        max_loss_tokens=max_loss_tokens), static_argnames=("seq_len",))
+    val_programs: dict[int, Any] = {}
+
+    def val_program(seq_len: int):
+        if seq_len not in val_programs:  # one program per bucket
+            fn = functools.partial(
+                _val_nll, model=model, lora_config=lora_config, vocab=vocab, cfg=pipeline,
+                seq_len=seq_len, max_loss_tokens=max_loss_tokens)
+            if n_dev > 1:
+                ax = P(mesh.axis_names[0])
+                fn = jax.shard_map(fn, mesh=mesh, check_vma=False, out_specs=ax, in_specs=(
+                    P(), None if adapters is None else ax, P(), ax, ax))
+            val_programs[seq_len] = jax.jit(fn)
+        return val_programs[seq_len]
+
     make_prompts = jax.jit(functools.partial(_prompts, vocab=vocab, cfg=pipeline),
                            static_argnames=("seq_len",))
+    blank = None
+    if per_task and lora_config is not None and len(adapters) < len(tasks):
+        blank = init_lora(jax.random.key(0), params, lora_config)  # b = 0: the base exactly
 
-    def lora_for(chunk):
+    def lora_for(groups):
         if adapters is None:
             return None
         if per_task:
-            return stack_lora([adapters[i] for i in chunk])
-        return stack_lora([adapters] * len(chunk))
+            return stack_lora([adapters.get(i, blank) for i, _ in groups])
+        return stack_lora([adapters] * len(groups))
+
+    def group_key(stream: int, i: int, q: int) -> jax.Array:
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, stream),
+                                                     task_keys[i]), q)
+
+    def group_size(compile_for, groups) -> int:
+        m = _fit_groups(compile_for, budget_bytes, -(-len(groups) // n_dev), shared, n_local)
+        return m * n_dev
+
+    pairs = [(i, q) for i, t in enumerate(tasks) for q in range(len(t.test))]
+    ids = [f"{tasks[i].task_id}/test{q}" for i, q in pairs]
+    cache = GroupCache(cache_dir, dataclasses.asdict(settings) | {"views": n_views,
+                                                                    "max_new": max_new})
 
     # Teacher-forced val loss on the known test outputs.
-    known = [i for i, t in enumerate(tasks) if all(p.output is not None for p in t.test)]
-    full = [prompt_length(vocab, fmt, tasks[i], answer=True) for i in known]
-    for seq_len, members in _groups(full, pipeline.buckets).items():
-        for real, chunk in _chunks([known[m] for m in members], settings.batch_size):
-            sums, counts = jax.device_get(val_nll(
-                params, lora_for(chunk), device_arrays, jnp.asarray(chunk), seq_len=seq_len))
-            for g, i in enumerate(real):
-                q = len(tasks[i].test)
-                out.val_loss[tasks[i].task_id] = float(sums[g, :q].sum() / counts[g, :q].sum())
-                out.val_tokens[tasks[i].task_id] = int(counts[g, :q].sum())
+    known = [n for n, (i, q) in enumerate(pairs) if tasks[i].test[q].output is not None]
+    full = [test_length(vocab, fmt, tasks[pairs[n][0]], pairs[n][1], answer=True) for n in known]
+    sums: dict[int, float] = {}
+    counts: dict[int, float] = {}
+    scored: dict[int, int] = {}
+    for n in known:
+        hit = cache.get("val", tasks[pairs[n][0]].task_id, pairs[n][1])
+        if hit is not None:
+            i = pairs[n][0]
+            sums[i] = sums.get(i, 0.0) + hit["sum"]
+            counts[i] = counts.get(i, 0.0) + hit["count"]
+            scored[i] = scored.get(i, 0) + 1
+    for seq_len, members in assign_buckets([ids[n] for n in known], full, pipeline).items():
+        groups = [pairs[known[m]] for m in members
+                  if cache.get("val", tasks[pairs[known[m]][0]].task_id, pairs[known[m]][1])
+                  is None]
+        if not groups:
+            continue
+        program = val_program(seq_len)
 
-    # Decoding: rows [G, Q * V] per chunk of G tasks.
-    prompt_lens = [prompt_length(vocab, fmt, t, answer=False) for t in tasks]
-    groups = assign_buckets([t.task_id for t in tasks], prompt_lens, pipeline)
-    for seq_len, members in groups.items():
-        for real, chunk in _chunks(members, settings.batch_size):
-            view_keys = jnp.stack([jax.random.fold_in(key, task_keys[i]) for i in chunk])
-            augs = jax.vmap(lambda k: view_augmentations(k, n_tests, n_views))(view_keys)
-            g, rows = len(chunk), n_tests * n_views
-            tasks_idx = jnp.repeat(jnp.asarray(chunk), rows)
-            tests_idx = jnp.tile(jnp.repeat(jnp.arange(n_tests), n_views), g)
-            flat_augs = jax.tree.map(lambda x, n=g * rows: x.reshape(n, *x.shape[3:]), augs)
+        def compile_val(m, program=program, groups=groups):
+            idx = jax.ShapeDtypeStruct((m * n_dev,), jnp.int32)
+            return program.lower(params, lora_for(groups[:1] * (m * n_dev)), device_arrays,
+                                 idx, idx).compile()
+
+        for real, chunk in _chunks(groups, group_size(compile_val, groups)):
+            if out_of_time():
+                break
+            s, c = gather(program(
+                params, lora_for(chunk), device_arrays, jnp.asarray([i for i, _ in chunk]),
+                jnp.asarray([q for _, q in chunk])))
+            for g, (i, q) in enumerate(real):
+                sums[i] = sums.get(i, 0.0) + float(s[g])
+                counts[i] = counts.get(i, 0.0) + float(c[g])
+                scored[i] = scored.get(i, 0) + 1
+                cache.put("val", tasks[i].task_id, q, {"sum": float(s[g]), "count": float(c[g])})
+    for i, total in sums.items():
+        if scored[i] == len(tasks[i].test):  # a task's val loss needs all its test inputs
+            out.val_loss[tasks[i].task_id] = total / max(counts[i], 1.0)
+            out.val_tokens[tasks[i].task_id] = int(counts[i])
+
+    # Decoding: per call, G groups of `n_views` rows.
+    prompt_lens = [test_length(vocab, fmt, tasks[i], q, answer=False) for i, q in pairs]
+    for i, q in pairs:
+        hit = cache.get("decode", tasks[i].task_id, q)
+        if hit is not None:
+            out.candidates[(tasks[i].task_id, q)] = [Candidate(
+                augment.Augmentation(c["dihedral"], np.asarray(c["colors"])), c["text"],
+                c["logprob"]) for c in hit["candidates"]]
+    for seq_len, members in assign_buckets(ids, prompt_lens, pipeline).items():
+        groups = [pairs[m] for m in members if (tasks[pairs[m][0]].task_id, pairs[m][1])
+                  not in out.candidates]
+        if not groups:
+            continue
+
+        def compile_decode(m, seq_len=seq_len, groups=groups):
+            g = m * n_dev
+            tokens = jax.ShapeDtypeStruct((g, n_views, seq_len), jnp.int32)
+            lens = jax.ShapeDtypeStruct((g, n_views), jnp.int32)
+            options = _options(jax.random.split(key, g), g, max_new, int(vocab.end),
+                               int(vocab.pad), settings.temperature, settings.top_k)
+            lora_axis = None if adapters is None else 0
+            if n_dev > 1:
+                return _decode_sharded.lower(
+                    model, params, lora_for(groups[:1] * g), lora_config, tokens, lens,
+                    **options, lora_axis=lora_axis, mesh=mesh).compile()
+            return _decode.lower(model, params, lora_for(groups[:1] * g), lora_config, tokens,
+                                 lens, **options, lora_axis=lora_axis).compile()
+
+        for real, chunk in _chunks(groups, group_size(compile_decode, groups)):
+            if out_of_time():
+                logging.warning("evaluation stopped for the job's deadline: %s and later "
+                                "groups get the fallback answer", ids[pairs.index(real[0])])
+                break
+            augs = jax.vmap(lambda k: view_augmentations(k, 1, n_views))(
+                jnp.stack([group_key(0, i, q) for i, q in chunk]))
+            flat_augs = jax.tree.map(lambda x: x.reshape(-1, *x.shape[3:]), augs)
+            tasks_idx = jnp.repeat(jnp.asarray([i for i, _ in chunk]), n_views)
+            tests_idx = jnp.repeat(jnp.asarray([q for _, q in chunk]), n_views)
             prompts = make_prompts(device_arrays, tasks_idx, tests_idx, flat_augs,
                                    seq_len=seq_len)
             lengths = np.asarray(prompts.length)
-            ids = [f"{tasks[t].task_id}/test{q}/view{v}" for t in chunk for q in range(n_tests)
-                   for v in range(n_views)]
-            keep = prompts_that_fit(lengths, max_new, model.config, ids=ids)
-            # Sampling keys follow the chunk (its first task); greedy decoding uses none.
-            decode_key = jax.random.fold_in(jax.random.split(key)[1], task_keys[chunk[0]])
-            gen = jax.device_get(generate_per_task(
-                model, params, lora_for(chunk), prompts.tokens.reshape(g, rows, seq_len),
-                jnp.asarray(lengths).reshape(g, rows), max_new_tokens=max_new,
-                eos_token_id=int(vocab.end), pad_token_id=int(vocab.pad), key=decode_key,
+            row_ids = [f"{tasks[i].task_id}/test{q}/view{v}" for i, q in real
+                       for v in range(n_views)]
+            keep = prompts_that_fit(lengths[: len(row_ids)], max_new, model.config, ids=row_ids)
+            gen = gather(generate_per_task(
+                model, params, lora_for(chunk), prompts.tokens.reshape(len(chunk), n_views, -1),
+                jnp.asarray(lengths).reshape(len(chunk), n_views), max_new_tokens=max_new,
+                eos_token_id=int(vocab.end), pad_token_id=int(vocab.pad),
                 temperature=settings.temperature, top_k=settings.top_k,
-                lora_config=lora_config))
+                lora_config=lora_config, mesh=mesh,
+                group_keys=jnp.stack([group_key(1, i, q) for i, q in chunk])))
             host_augs = jax.device_get(flat_augs)
-            for gi, i in enumerate(real):
-                task = tasks[i]
-                for q in range(len(task.test)):
-                    cands = out.candidates.setdefault((task.task_id, q), [])
-                    for v in range(n_views):
-                        r = q * n_views + v
-                        if not keep[gi * rows + r]:
-                            continue
-                        n = int(gen.lengths[gi, r])
-                        text = tokenizer.decode(gen.tokens[gi, r, :n].tolist())
-                        logprob = float(np.mean(gen.logprobs[gi, r, :n])) if n else float("-inf")
-                        aug = augment.Augmentation(int(host_augs.dihedral[gi * rows + r]),
-                                                   np.asarray(host_augs.colors[gi * rows + r]))
-                        cands.append(Candidate(aug, text, logprob))
+            for g, (i, q) in enumerate(real):
+                cands = out.candidates.setdefault((tasks[i].task_id, q), [])
+                for v in range(n_views):
+                    r = g * n_views + v
+                    if not keep[r]:
+                        continue
+                    n = int(gen.lengths[g, v])
+                    text = tokenizer.decode(gen.tokens[g, v, :n].tolist())
+                    logprob = float(np.mean(gen.logprobs[g, v, :n])) if n else float("-inf")
+                    aug = augment.Augmentation(int(host_augs.dihedral[r]),
+                                               np.asarray(host_augs.colors[r]))
+                    cands.append(Candidate(aug, text, logprob))
+                cache.put("decode", tasks[i].task_id, q, {"candidates": [
+                    {"dihedral": int(c.augmentation.dihedral),
+                     "colors": np.asarray(c.augmentation.colors).tolist(), "text": c.text,
+                     "logprob": c.mean_logprob} for c in cands]})
     return out
+
+
+class GroupCache:
+    """Per (task, test input) evaluation results kept in `directory` as JSON files, written
+    atomically; entries made under other evaluation settings are ignored. No directory: off."""
+
+    def __init__(self, directory: str | None, settings: Mapping[str, Any]):
+        self.directory = directory
+        self.settings = json.loads(json.dumps(dict(settings), default=str))
+
+    def _path(self, kind: str, task_id: str, q: int) -> str:
+        return os.path.join(self.directory, f"{kind}_{task_id}_test{q}.json")
+
+    def get(self, kind: str, task_id: str, q: int) -> dict | None:
+        if self.directory is None or not os.path.exists(self._path(kind, task_id, q)):
+            return None
+        with open(self._path(kind, task_id, q)) as f:
+            entry = json.load(f)
+        return entry["value"] if entry.get("settings") == self.settings else None
+
+    def put(self, kind: str, task_id: str, q: int, value: dict) -> None:
+        if self.directory is not None and jax.process_index() == 0:
+            write_json_atomic(self._path(kind, task_id, q),
+                              {"settings": self.settings, "value": value})

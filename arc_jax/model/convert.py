@@ -5,17 +5,18 @@ abstract tree of the model its config describes before a single tensor is loaded
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from arc_jax.atomic import atomic_write
@@ -113,21 +114,44 @@ def _hf_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
     return tuple(reversed(shape)) if transform == "transpose" else tuple(shape)
 
 
+@contextlib.contextmanager
+def open_safetensors(file: str | os.PathLike) -> Iterator[Any]:
+    """`safe_open(file)` (numpy), raising `CheckpointError` naming `file` when it cannot be read:
+    safetensors itself reports a truncated file as a bare "invalid header length"."""
+    try:
+        handle = safe_open(file, framework="numpy")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({err}): truncated or corrupt, e.g. by "
+            "an interrupted download or copy; fetch or export it again") from err
+    with handle as f:
+        yield f
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err}): truncated or corrupt?") from err
+
+
 def read_config(path: str | os.PathLike) -> Phi3Config:
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} not found")
-    return Phi3Config.from_hf(json.loads(config_file.read_text()))
+    return Phi3Config.from_hf(_read_json(config_file))
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> safetensors file holding it."""
     single, index = path / WEIGHTS_NAME, path / INDEX_NAME
     if single.is_file():
-        with safe_open(single, framework="numpy") as f:
+        with open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map")
         for file in sorted(set(weight_map.values())):
             if not (path / file).is_file():
                 raise CheckpointError(f"{index} lists shard {file}, which is missing")
@@ -147,7 +171,7 @@ def validate(path: str | os.PathLike, model: Phi3) -> dict[str, tuple[Path, str,
         expected[name] = (ours, transform, _hf_shape(leaf.shape, transform))
     found = {}
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="numpy") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 found[name] = (file, tuple(f.get_slice(name).get_shape()))
     problems = []
@@ -180,7 +204,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32,
     plan = validate(path, model)
     flat = {}
     for file in sorted({file for file, _, _ in plan.values()}):
-        with safe_open(file, framework="numpy") as f:
+        with open_safetensors(file) as f:
             for name, (src, ours, transform) in plan.items():
                 if src == file:
                     array = _TRANSFORMS[transform][0](f.get_tensor(name))

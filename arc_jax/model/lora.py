@@ -23,6 +23,10 @@ Array = jax.Array
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
+class LoraTargetError(ValueError):
+    """A `LoraConfig.targets` entry names no layer of the base that holds a kernel."""
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
@@ -37,6 +41,38 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def kernel_names(base_params: Mapping) -> list[str]:
+    """Names (sorted, unique) of the base layers that hold a kernel: what `targets` may name."""
+    names = set()
+
+    def walk(tree):
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                if any(k in value for k in KERNELS):
+                    names.add(key)
+                walk(value)
+
+    walk(base_params)
+    return sorted(names)
+
+
+def check_targets(base_params: Mapping, targets: Sequence[str]) -> None:
+    """Raises `LoraTargetError` naming every entry of `targets` that matches no kernel layer
+    (a typo would otherwise train the other targets only, silently)."""
+    known = kernel_names(base_params)
+    unknown = [t for t in targets if t not in known]
+    if not targets:
+        problem = "is empty"
+    elif len(unknown) == 1:
+        problem = f"{unknown[0]!r} matches no layer"
+    elif unknown:
+        problem = f"{', '.join(map(repr, unknown))} match no layer"
+    else:
+        return
+    raise LoraTargetError(f"LoRA targets {tuple(targets)}: {problem}; the base's layers with a "
+                          f"kernel are {known} (config.lora.targets)")
 
 
 def lora_sites(base_params: Mapping, targets: Sequence[str]) -> list[tuple[str, ...]]:
@@ -74,11 +110,11 @@ def init_lora(key: Array, base_params: Mapping, config: LoraConfig,
     """Fresh adapters for every targeted base kernel `[in, out]`.
 
     `a [in, r]` ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform default), `b [r, out]` zero, so
-    the adapted model equals the base at init.
+    the adapted model equals the base at init. Raises `LoraTargetError` for a target that
+    matches no layer.
     """
+    check_targets(base_params, config.targets)
     sites = lora_sites(base_params, config.targets)
-    if not sites:
-        raise ValueError(f"no base kernel matches LoRA targets {config.targets}")
     tree: dict = {}
     for site, k in zip(sites, jax.random.split(key, len(sites)), strict=True):
         fan_in, fan_out = kernel_shape(_get(base_params, site))

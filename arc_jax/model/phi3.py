@@ -81,37 +81,64 @@ class Phi3Config:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any] | Any) -> Phi3Config:
-        """From a `config.json` dict or a `transformers.Phi3Config`.
+    def from_hf(cls, hf: Mapping[str, Any] | Any, source: str = "config") -> Phi3Config:
+        """From a `config.json` dict or a `transformers.Phi3Config`; `source` (e.g. the file's
+        path) names it in errors, which also name the key.
 
-        Reads current (`rope_parameters`) and legacy (`rope_scaling`, top-level `rope_theta`,
-        `partial_rotary_factor`, type "su"/"yarn") layouts the way transformers normalizes them,
-        without importing transformers.
+        Reads current (`rope_parameters`) and legacy layouts the way transformers normalizes
+        them, without importing transformers: `rope_scaling` with `type` "su" or "yarn" (the
+        April-2024 Phi-3-128k configs) reads as "longrope"; `rope_theta` and
+        `partial_rotary_factor` may sit at top level; `original_max_position_embeddings` comes
+        from the top level (where transformers' Phi-3 takes it from, also when the rope dict
+        has one).
         """
         d = dict(hf if isinstance(hf, Mapping) else hf.to_dict())
         if d.get("model_type", "phi3") != "phi3":
-            raise ValueError(f"expected a phi3 config, got model_type={d['model_type']!r}")
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
+            raise ValueError(f"{source}: model_type {d['model_type']!r}, expected 'phi3'")
+        key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+        rope = d.get(key) or {}
+        if not isinstance(rope, Mapping):
+            raise ValueError(f"{source}: {key} must be a dict, got {rope!r}")
+        type_key = "rope_type" if "rope_type" in rope else "type"
+        raw_type = rope.get(type_key, "default")
+        rope_type = "longrope" if raw_type in ("su", "yarn") else raw_type
         if rope_type not in ("default", "longrope"):
-            raise ValueError(f"unsupported rope_type {rope_type!r} (want default or longrope)")
-        as_tuple = lambda v: None if v is None else tuple(float(x) for x in v)
+            raise ValueError(f"{source}: {key}.{type_key} {raw_type!r} is not supported "
+                             "(default or longrope; legacy su / yarn read as longrope)")
+        try:
+            partial = float(rope.get("partial_rotary_factor",
+                                     d.get("partial_rotary_factor", 1.0)))
+            factors = {name: None if rope.get(name) is None else
+                       tuple(float(x) for x in rope[name])
+                       for name in ("short_factor", "long_factor")}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {key} holds a non-number ({err})") from err
+        if rope_type == "longrope":
+            heads = d.get("num_attention_heads", cls.num_attention_heads)
+            head_dim = d.get("head_dim") or d.get("hidden_size", cls.hidden_size) // heads
+            want = int(head_dim * partial) // 2
+            for name, values in factors.items():
+                if values is None or len(values) != want:
+                    got = "is missing" if values is None else f"has {len(values)} factors"
+                    raise ValueError(
+                        f"{source}: {key}.{name} {got}; longrope needs {want} (rotary dim / 2: "
+                        f"head_dim {head_dim} x partial_rotary_factor {partial} / 2)")
         eos = d.get("eos_token_id", cls.eos_token_id)
-        return cls(**{
-            **{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d},
-            "num_key_value_heads": d.get("num_key_value_heads") or d.get(
-                "num_attention_heads", cls.num_attention_heads),
-            "rope_type": rope_type,
-            "rope_theta": float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-            "partial_rotary_factor": float(rope.get(
-                "partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
-            "short_factor": as_tuple(rope.get("short_factor")),
-            "long_factor": as_tuple(rope.get("long_factor")),
-            "rope_factor": rope.get("factor"),
-            "rope_attention_factor": rope.get("attention_factor"),
-            "eos_token_id": tuple(eos) if isinstance(eos, list | tuple) else eos,
-        })
+        try:
+            return cls(**{
+                **{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d},
+                "num_key_value_heads": d.get("num_key_value_heads") or d.get(
+                    "num_attention_heads", cls.num_attention_heads),
+                "rope_type": rope_type,
+                "rope_theta": float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+                "partial_rotary_factor": partial,
+                **factors,
+                "rope_factor": rope.get("factor"),
+                "rope_attention_factor": rope.get("attention_factor"),
+                "eos_token_id": tuple(eos) if isinstance(eos, list | tuple) else eos,
+            })
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from err
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A `config.json` dict that `transformers.Phi3Config` reads back to this config."""
@@ -344,9 +371,8 @@ class Attention(nn.Module):
         b, k_rows = rows.shape
         q = take_rows(q, rows).reshape(b, k_rows, cfg.num_attention_heads, d).transpose(0, 2, 1, 3)
         q = apply_rope(q, take_rows(cos, rows), take_rows(sin, rows))
-        keys = jnp.arange(k.shape[2])[None]
-        mask = attention_mask(rows, keys, k_valid, cfg.sliding_window)
-        return attend_rows(q, k, v, mask, self.options.attention_block)
+        return attend_rows(q, k, v, rows, k_valid, cfg.sliding_window,
+                           self.options.attention_block)
 
     def _causal(self, q, k, v, valid):
         """Heads-major q `[b, h, t, d]`, k, v `[b, kv, t, d]` -> `[b, h, t, d]`."""

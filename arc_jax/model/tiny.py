@@ -9,6 +9,7 @@ in transformers as well as in arc_jax.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -29,6 +30,17 @@ def tiny_config(vocab_size: int) -> Phi3Config:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
         original_max_position_embeddings=16384, bos_token_id=2, eos_token_id=3, pad_token_id=0,
     )
+
+
+def scratch_config(vocab_size: int, hidden_size: int, num_hidden_layers: int,
+                   num_attention_heads: int, num_key_value_heads: int,
+                   intermediate_size: int) -> Phi3Config:
+    """A Phi-3 of the given size for the ARC tokenizer (its bos / end / pad ids), a 16k context:
+    the architecture of a model trained from scratch (`config.model.scratch`)."""
+    return dataclasses.replace(
+        tiny_config(vocab_size), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size)
 
 
 def make_tiny_model(path: str = TINY_MODEL_DIR, seed: int = 0) -> str:

@@ -5,9 +5,10 @@ device holds a slice of the stacked adapters and optimizer states and trains the
 over one shared frozen base; there are no collectives. Each task's randomness derives from its
 global task index and the step only, so the adapters do not depend on the device count.
 
-Tasks are grouped into units of one length bucket (and at most `tasks_per_device` tasks per
-device); a unit is padded with copies of its last task to a multiple of the device count, and
-units are trained one after the other (`plan_units`).
+Tasks are grouped into units of one length bucket, as many tasks per device as the memory
+budget allows (`fit_tasks_per_device`, from XLA's estimate of the compiled step); a unit is
+padded with copies of its last task to its bucket's unit size, a multiple of the device count,
+and units are trained one after the other (`plan_units`).
 """
 
 from __future__ import annotations
@@ -53,16 +54,80 @@ class Unit:
 def plan_units(
     groups: dict[int, list[int]], n_devices: int, tasks_per_device: int = 0
 ) -> list[Unit]:
-    """Splits bucket groups (`pipeline.assign_buckets`) into per-task training units."""
+    """Splits bucket groups (`pipeline.assign_buckets`) into per-task training units of at most
+    `n_devices * tasks_per_device` tasks (0: the whole bucket). A bucket's units all have one
+    size (the last padded with copies of its last task), so one program trains them all."""
     units = []
     for seq_len, members in sorted(groups.items()):
-        size = len(members) if tasks_per_device <= 0 else n_devices * tasks_per_device
-        for start in range(0, len(members), size):
+        if not members:
+            continue
+        cap = len(members) if tasks_per_device <= 0 else n_devices * tasks_per_device
+        n_units = -(-len(members) // cap)
+        size = -(-len(members) // n_units)
+        size += -size % n_devices
+        for u, start in enumerate(range(0, len(members), size)):
             chunk = list(members[start:start + size])
-            padded = chunk + [chunk[-1]] * (-len(chunk) % n_devices)
-            name = f"bucket{seq_len}_part{start // size}"
-            units.append(Unit(name, seq_len, tuple(padded), len(chunk)))
+            padded = chunk + [chunk[-1]] * (size - len(chunk))
+            units.append(Unit(f"bucket{seq_len}_part{u}", seq_len, tuple(padded), len(chunk)))
     return units
+
+
+def step_bytes(compiled: Any) -> int:
+    """XLA's estimate of one device's memory for a compiled program: temporaries, arguments and
+    outputs (minus the donated arguments the outputs reuse)."""
+    m = compiled.memory_analysis()
+    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def fit_tasks_per_device(
+    compile_for, budget_bytes: float, n_local_devices: int, most: int, shared_bytes: int = 0,
+) -> tuple[int, int]:
+    """The most tasks per device (<= `most`) whose compiled step fits `budget_bytes` over the
+    process's local devices, and that step's estimate (bytes, all local devices).
+
+    compile_for(m): the step compiled for m tasks per device. Costs are taken as linear in m:
+    `shared_bytes` (the replicated base, per device) plus m times the rest of a 1-task step; the
+    chosen m is then compiled and checked, and lowered while it does not fit.
+    """
+    total = lambda m: n_local_devices * step_bytes(compile_for(m))
+    one = total(1)
+    if most <= 1:
+        return 1, one
+    fixed = n_local_devices * shared_bytes
+    per_task = max(one - fixed, 1)
+    m = int(max(1, min(most, (budget_bytes - fixed) // per_task)))
+    used = total(m) if m > 1 else one
+    while m > 1 and used > budget_bytes:
+        m = max(1, min(m - 1, int(m * budget_bytes / used)))
+        used = total(m)
+    return m, used
+
+
+def place(tree: Any, sharding: NamedSharding) -> Any:
+    """`tree` put on `sharding` once, explicitly (so no step transfers it again); with several
+    processes the mesh is not all addressable, and jit places the values itself."""
+    return jax.device_put(tree, sharding) if jax.process_count() == 1 else tree
+
+
+def gather(tree: Any) -> Any:
+    """A (possibly multi-host) sharded tree, whole, as host numpy arrays on every process.
+
+    A leaf that spans other processes' devices (`jax.device_get` refuses it) is all-gathered
+    (`multihost_utils.process_allgather`: a collective, so every process must call `gather` on
+    the same tree); any other leaf (numpy, or an array on this process's devices) is fetched
+    as is, never concatenated with other processes' copies.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
 
 
 def select_tasks(arrays: TaskArrays, indices: Sequence[int]) -> TaskArrays:
@@ -115,8 +180,9 @@ def init_per_task_states(
 
     Compiled once per (`init_trainable`, optimizer, mesh): pass the same function to reuse it.
     """
+    sharding = NamedSharding(mesh, P(TASKS))
     keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.asarray(task_ids))
-    return _init_states(keys, init_trainable, optimizer, NamedSharding(mesh, P(TASKS)))
+    return _init_states(place(keys, sharding), init_trainable, optimizer, sharding)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -170,6 +236,7 @@ def joint_bucket_schedule(
 
 
 def unstack(tree: Any, n: int) -> list[Any]:
-    """The first `n` entries of a stacked tree, as a list of host trees."""
-    host = jax.device_get(tree)
+    """The first `n` entries of a stacked (sharded, possibly multi-host) tree, as a list of host
+    trees (on every process: see `gather`)."""
+    host = gather(tree)
     return [jax.tree.map(lambda x, i=i: x[i], host) for i in range(n)]
