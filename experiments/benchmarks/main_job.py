@@ -561,7 +561,15 @@ def main(argv=None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the run directories")
     p.add_argument("--append", action="store_true",
                    help="add to the rows of results/<name>.json instead of replacing them")
+    p.add_argument("--report", action="store_true",
+                   help="print the tables of results/<name>.json and exit")
     args = p.parse_args(argv)
+    previous = os.path.join(RESULTS_DIR, f"{args.name}.json")
+    if args.report:
+        with open(previous) as f:
+            old = json.load(f)
+        report(old["rows"], old.get("ttft_by_bucket", []))
+        return
     overrides = dict(s.split("=", 1) for s in args.set)
     base = args.workdir or tempfile.mkdtemp(prefix="main_job_")
     os.makedirs(base, exist_ok=True)
@@ -589,11 +597,13 @@ def main(argv=None) -> None:
     if not runs:
         p.error("give --tasks and/or --buckets")
 
+    save = lambda rows, bucket_rows: write_results(args.name, rows, {
+        "shape": args.shape, "model": SHAPES.get(args.shape, "config"), "config": args.config,
+        "overrides": overrides, "cache": args.cache, "ttft_by_bucket": bucket_rows})
     peak = matmul_peak()
     print(f"float32 matmul peak (2048^3 jnp.dot, parent process): {peak:.1f} GFLOP/s",
           flush=True)
     rows, bucket_rows = [], []
-    previous = os.path.join(RESULTS_DIR, f"{args.name}.json")
     if args.append and os.path.exists(previous):
         with open(previous) as f:
             old = json.load(f)
@@ -603,33 +613,50 @@ def main(argv=None) -> None:
                  "shared": os.path.join(base, "xla_cache"),
                  "config": config.compilation_cache}[args.cache]
         row, buckets = run_one(label, args, run_overrides, base, model_dir, cache)
+        row["matmul peak GFLOP/s"] = peak
+        for b in buckets:
+            b["matmul peak GFLOP/s"] = peak
         rows.append(row)
         bucket_rows.extend(buckets)
         print_table([{k: v for k, v in row.items()
                       if not isinstance(v, (dict, list)) and k != "command"}])
-        write_results(args.name, rows, {
-            "shape": args.shape, "model": SHAPES.get(args.shape, "config"),
-            "config": args.config, "overrides": overrides, "cache": args.cache,
-            "matmul_peak_gflops": peak, "ttft_by_bucket": bucket_rows})
-    print("\nphases (seconds / peak RSS MiB):")
-    keys = ["run", "tasks", "buckets", "wall s", "peak RSS MiB", "CPU %", "load avg"] + [
-        k for name in PHASES for k in (f"{name} s", f"{name} MiB") if any(
-            f"{name} s" in r for r in rows)] + ["TTFT us/real token"]
-    print_table([{k: r.get(k, "-") if r.get(k) is not None else "-" for k in keys}
+        save(rows, bucket_rows)
+    report(rows, bucket_rows)
+    print(f"\nwrote {save(rows, bucket_rows)}")
+
+
+def report(rows: list[dict], bucket_rows: list[dict]) -> None:
+    """Prints the README tables: phases per run, then TTFT per bucket."""
+    cell = lambda r, name: (
+        "-" if r.get(f"{name} s") is None else f"{r[f'{name} s']:,.1f} / "
+        + ("-" if r.get(f"{name} MiB") is None else f"{r[f'{name} MiB']:,.0f}"))
+    names = [n for n in PHASES if any(f"{n} s" in r for r in rows)]
+    print("\nphases: seconds / peak RSS MiB")
+    print_table([{"run": r["run"], "tasks": r["tasks"], "wall s": r["wall s"],
+                  "peak RSS MiB": f"{r['peak RSS MiB']:,.0f}",
+                  **{n: cell(r, n) for n in names},
+                  "CPU %": r.get("CPU %", "-"), "load avg": r.get("load avg", "-")}
                  for r in rows])
-    if bucket_rows:
-        print("\nTTFT by bucket:")
-        ref = next((b["useful GFLOP/s"] for b in bucket_rows if b["bucket"] == 1024
-                    and b["useful GFLOP/s"]), None)
-        for b in bucket_rows:
-            b["% of peak"] = 100 * b["useful GFLOP/s"] / peak if b["useful GFLOP/s"] else None
-            b["vs 1024"] = b["useful GFLOP/s"] / ref if ref and b["useful GFLOP/s"] else None
-        print_table([{k: ("-" if v is None else v) for k, v in b.items()} for b in bucket_rows])
-    path = write_results(args.name, rows, {
-        "shape": args.shape, "model": SHAPES.get(args.shape, "config"), "config": args.config,
-        "overrides": overrides, "cache": args.cache, "matmul_peak_gflops": peak,
-        "ttft_by_bucket": bucket_rows})
-    print(f"\nwrote {path}")
+    if not bucket_rows:
+        return
+    ref = next((b["useful GFLOP/s"] for b in bucket_rows
+                if b["bucket"] == 1024 and b["useful GFLOP/s"]), None)
+    fmt = lambda v, f="{:,.1f}": "-" if v is None else f.format(v)
+    print("\nTTFT by bucket (steady: the steps after each unit's first)")
+    print_table([{
+        "run": b["run"], "bucket": b["bucket"], "tasks": b["tasks"], "units": b["units"],
+        "real tokens/row": fmt(b["real tokens/row"], "{:,.0f}"),
+        "TTFT wall s": fmt(b["TTFT wall s"]),
+        "us/real token (wall)": fmt(b["us/real token (wall)"], "{:,.0f}"),
+        "steady s/step": fmt(b["steady s/step"]),
+        "us/real token (steady)": fmt(b["us/real token (steady)"], "{:,.0f}"),
+        "useful GFLOP/s": fmt(b["useful GFLOP/s"]),
+        "% of matmul peak": fmt(100 * b["useful GFLOP/s"] / b["matmul peak GFLOP/s"]
+                                if b["useful GFLOP/s"] and b.get("matmul peak GFLOP/s")
+                                else None, "{:.0f}"),
+        "vs 1024": fmt(b["useful GFLOP/s"] / ref if ref and b["useful GFLOP/s"] else None,
+                       "{:.2f}"),
+    } for b in bucket_rows])
 
 
 if __name__ == "__main__":
