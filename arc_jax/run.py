@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -211,14 +211,15 @@ def _lr(setup: Setup, step: int) -> float:
 
 
 def _run_steps(setup: Setup, name: str, state: Any, step_fn, steps: int, offset: int = 0,
-               work: float = 0.0):
+               work: float = 0.0, every: tuple[int, Callable[[Any, int], None]] | None = None):
     """The shared loop: restore, step, check, log, checkpoint. `step_fn(state, step)` returns
     (state, metrics); `state` is a dict with a TrainState under "train". `work`: the tasks this
     loop trains, for the job's progress. Returns (state, finished all `steps`).
 
     Metrics stay on the device and are fetched every `train.log_every` steps and before every
     checkpoint save; the window fetched is checked for non-finite losses, so a saved checkpoint
-    is always a good one. The loop pauses (saving a checkpoint) after `train.stop_after_steps`
+    is always a good one. `every = (n, fn)`: `fn(trainable, step)` after every n-th step and the
+    last. The loop pauses (saving a checkpoint) after `train.stop_after_steps`
     updates or `train.stop_after_minutes`, and stops at the job's deadline.
     """
     cfg, job = setup.config.train, setup.job
@@ -275,6 +276,8 @@ def _run_steps(setup: Setup, name: str, state: Any, step_fn, steps: int, offset:
                 fetch()
             if save:
                 checkpoint.save(mngr, step, state, force=True)
+            if every is not None and every[0] and (step % every[0] == 0 or step == steps):
+                every[1](state["train"].trainable, step)
             if paused:
                 log.warning("%s: paused after train.stop_after_minutes at step %d", name, step)
                 break
@@ -534,7 +537,10 @@ def _run_claimed(config: ml_collections.ConfigDict, workdir: str) -> dict | None
             state, step_fn = finetune.make_training(
                 setup, data, init_key=setup.stream(INIT), data_key=setup.stream(DATA),
                 dropout_key=setup.stream(DROPOUT))
-            state, done = _run_steps(setup, "finetune", state, step_fn, config.train.steps)
+            heldout = config.train.get("heldout_every", 0)
+            every = (heldout, finetune.HeldoutCurve(setup)) if heldout else None
+            state, done = _run_steps(setup, "finetune", state, step_fn, config.train.steps,
+                                     every=every)
             trainable = jax.device_get(state["train"].trainable)
             if done and jax.process_index() == 0:
                 export_model(setup, trainable, workdir)

@@ -41,7 +41,8 @@ CONFIG_NAME = "config.json"
 RESUMABLE = (
     "name", "workdir", "memory_gb", "deadline_minutes", "compilation_cache", "distributed",
     "eval", "train.stop_after_steps", "train.stop_after_minutes", "train.log_every",
-    "train.checkpoint_every", "train.keep_checkpoints", "ttft.tasks_per_device",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.heldout_every",
+    "ttft.tasks_per_device",
 )
 _ABSENT = "(absent)"
 

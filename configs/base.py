@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.checkpoint_every = 50
     c.train.keep_checkpoints = 2
+    c.train.heldout_every = 0  # finetune: >0: val loss of the held-out training tasks every N steps
     c.train.stop_after_steps = 0  # >0: stop this process after N updates; rerun to resume
     c.train.stop_after_minutes = 0.0  # >0: pause after this long (checkpointed); rerun to resume
 

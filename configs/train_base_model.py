@@ -29,6 +29,9 @@ def get_config():
     # RE-ARC pairs for the 400 training tasks (../shared/data/re_arc, or generate your own: see
     # the README); three quarters of the episodes come from them.
     c.data.train = (("kaggle2024/training", 1.0), (RE_ARC, 3.0))
+    # Every output grid of an episode is a prediction target (each given the pairs before it):
+    # several times the supervised tokens of `target` at the same cost.
+    c.data.loss_on = "all_outputs"
     c.augment.geometric = True
     c.augment.color_swap = True
     # From scratch: 4 layers, hidden 192, 6 query / 2 key-value heads (1.6 M parameters).
@@ -36,10 +39,11 @@ def get_config():
                                 num_key_value_heads=2, intermediate_size=512))
     c.model.matmul_dtype = "bfloat16"
     c.data.max_seq_len = 4096
-    c.train.steps = 3000
+    c.train.steps = 1600
     c.train.batch_size = 8
-    c.train.learning_rate = 1e-3
-    c.train.warmup_steps = 100
+    c.train.learning_rate = 1.5e-3
+    c.train.warmup_steps = 50
     c.train.weight_decay = 0.01
     c.train.checkpoint_every = 50
+    c.train.heldout_every = 200  # the held-out curve of the model card
     return c

@@ -444,5 +444,9 @@ def test_tiny_finetune_run_on_a_pool_source(tmp_path):
     assert report["sources"]["kaggle2024/training"]["episode_share"] == pytest.approx(1 / 3)
     assert len(report["holdout"]["ids"]) == 50
     assert os.path.isdir(workdir / "checkpoints" / "finetune" / "2")
+    heldout = json.loads((workdir / "heldout.json").read_text())  # the last step's point
+    assert [c["step"] for c in heldout["curve"]] == [2] and heldout["tasks"]
+    assert set(heldout["tasks"]) <= set(report["holdout"]["ids"])
+    assert np.isfinite(heldout["curve"][0]["val_loss"])
     model, _ = load_pretrained(workdir / "model")
     assert model.config.num_hidden_layers == 2

@@ -149,7 +149,7 @@ def evaluate_tasks(
     lora_config: LoraConfig | None, settings: EvalSettings, key: jax.Array,
     task_keys: Sequence[int], max_loss_tokens: int, budget_bytes: float = 6 * 2**30,
     mesh: Mesh | None = None, cache_dir: str | None = None,
-    out_of_time: Callable[[], bool] = lambda: False,
+    out_of_time: Callable[[], bool] = lambda: False, decode: bool = True,
 ) -> EvalOutputs:
     """Val loss and candidates for every test input of every task.
 
@@ -163,6 +163,7 @@ def evaluate_tasks(
     evaluated, how many at once, or on how many devices. With `cache_dir`, each group's results
     are kept there as they come (`GroupCache`), so a killed evaluation resumes where it was.
     Once `out_of_time()`, no more calls are made: the groups not done get no candidates.
+    `decode=False`: the val loss only.
     """
     fmt = pipeline.fmt
     per_task = isinstance(adapters, Mapping) and all(isinstance(k, int) for k in adapters)
@@ -261,6 +262,8 @@ def evaluate_tasks(
         if scored[i] == len(tasks[i].test):  # a task's val loss needs all its test inputs
             out.val_loss[tasks[i].task_id] = total / max(counts[i], 1.0)
             out.val_tokens[tasks[i].task_id] = int(counts[i])
+    if not decode:
+        return out
 
     # Decoding: per call, G groups of `n_views` rows.
     prompt_lens = [test_length(vocab, fmt, tasks[i], q, answer=False) for i, q in pairs]

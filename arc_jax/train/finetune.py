@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -303,3 +304,58 @@ def make_training(
         return {**state, "train": train}, metrics
 
     return state, step_fn
+
+
+class HeldoutCurve:
+    """Val loss of the held-out training tasks (`data.holdout`, their test outputs given all
+    their train pairs, no augmentation) during base training, every `train.heldout_every`
+    steps: TensorBoard `heldout/val_loss` and `<workdir>/heldout.json` (the model card's
+    curve). Tasks whose test episode exceeds the largest bucket are left out and listed."""
+
+    def __init__(self, setup: Setup):
+        from arc_jax.data.arrays import pad_tasks
+        from arc_jax.infer.inference import test_length
+
+        config = setup.config
+        training = _loader()(HOLDOUT_SOURCE)[0]
+        held = [training[i] for i in holdout_ids(config.data.holdout, training) if i in training]
+        limit = max(settings.buckets(config))
+        fits = lambda t: all(test_length(setup.vocab, setup.pipeline.fmt, t, q, answer=True)
+                             <= limit for q in range(len(t.test)))
+        self.tasks = [t for t in held if fits(t)]
+        self.too_long = [t.task_id for t in held if not fits(t)]
+        self.arrays = pad_tasks(self.tasks) if self.tasks else None
+        self.setup = setup
+        self.path = os.path.join(setup.workdir, "heldout.json")
+        self.curve: list[dict] = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.curve = json.load(f).get("curve", [])
+        log.info("held-out curve: %d tasks (%d longer than the largest bucket left out)",
+                 len(self.tasks), len(self.too_long))
+
+    def __call__(self, trainable: Any, step: int) -> None:
+        from arc_jax.infer.evaluate import _overall_val_loss
+        from arc_jax.infer.inference import EvalSettings, evaluate_tasks
+
+        if not self.tasks:
+            return
+        setup = self.setup
+        params, lora = (trainable, None) if setup.lora is None else (setup.params, trainable)
+        out = evaluate_tasks(
+            setup.model, params, setup.tokenizer, setup.vocab, setup.pipeline, self.tasks,
+            self.arrays, lora, setup.lora, EvalSettings(n_augmentations=1), jax.random.key(0),
+            list(range(len(self.tasks))), setup.max_loss_tokens, setup.budget_bytes,
+            decode=False)
+        loss = _overall_val_loss(out.val_loss, out.val_tokens)
+        task_mean = float(np.mean(list(out.val_loss.values())))
+        self.curve = [c for c in self.curve if c["step"] < step] + [
+            {"step": step, "val_loss": loss, "task_mean_val_loss": task_mean,
+             "val_tokens": int(sum(out.val_tokens.values()))}]
+        setup.writer.scalars(step, {"heldout/val_loss": loss,
+                                    "heldout/task_mean_val_loss": task_mean})
+        log.info("held-out val loss at step %d: %.4f (%d tasks)", step, loss, len(out.val_loss))
+        if jax.process_index() == 0:
+            write_json_atomic(self.path, {
+                "rule": setup.config.data.holdout, "tasks": [t.task_id for t in self.tasks],
+                "left_out_too_long": self.too_long, "curve": self.curve})

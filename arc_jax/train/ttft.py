@@ -113,17 +113,17 @@ def place(tree: Any, sharding: NamedSharding) -> Any:
 def gather(tree: Any) -> Any:
     """A (possibly multi-host) sharded tree, whole, as host numpy arrays on every process.
 
-    A leaf that spans other processes' devices (`jax.device_get` refuses it) is all-gathered
+    A leaf sharded over other processes' devices (`jax.device_get` refuses it) is all-gathered
     (`multihost_utils.process_allgather`: a collective, so every process must call `gather` on
-    the same tree); any other leaf (numpy, or an array on this process's devices) is fetched
-    as is, never concatenated with other processes' copies.
+    the same tree); any other leaf (numpy, a replicated array, or one on this process's
+    devices) is fetched as is, never concatenated with other processes' copies.
     """
     if jax.process_count() == 1:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
 
     def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return jax.device_get(x)
 

@@ -410,10 +410,11 @@ def loss_event_times(workdir: str) -> dict[int, float]:
     return times
 
 
-def ttft_by_bucket(workdir: str, tasks: list[dict], steps: int, batch: int, flops_of,
-                   ttft_start: float | None) -> list[dict]:
+def ttft_by_bucket(workdir: str, tasks: list[dict], steps: int, trained: int, batch: int,
+                   flops_of, ttft_start: float | None) -> list[dict]:
     """Per bucket: units, tasks, tokens, wall time (units' spans, compiles included) and the
-    steady-state step time and useful FLOP/s (steps after each unit's first)."""
+    steady-state step time and useful FLOP/s (steps after each unit's first). `steps`: the
+    config's (each unit's TensorBoard steps), `trained`: the steps run in this process."""
     units = []  # (bucket, first task position, n_real), in training order
     order = {t["task_id"]: i for i, t in enumerate(tasks)}
     for path in glob.glob(os.path.join(workdir, "checkpoints", "bucket*_*")):
@@ -447,7 +448,7 @@ def ttft_by_bucket(workdir: str, tasks: list[dict], steps: int, batch: int, flop
             row["steady_flops"] += (s1 - s0) * batch * sum(flops_of(t) for t in members)
     out = []
     for row in rows.values():
-        tokens = row["row_tokens"] * batch * steps
+        tokens = row["row_tokens"] * batch * trained
         out.append({
             "bucket": row["bucket"], "tasks": row["tasks"], "units": row["units"],
             "real tokens/row": row["row_tokens"] / max(row["tasks"], 1),
@@ -485,16 +486,26 @@ def run_one(label: str, args, overrides: dict[str, str], base: str, model_dir: s
     text = mon.text()
     if rc != 0:
         raise RuntimeError(f"[{label}] exit status {rc}:\n{text[-4000:]}")
-    with open(os.path.join(workdir, "results.json")) as f:
-        results = json.load(f)
+    results: dict = {}  # none when the run paused (train.stop_after_steps / _minutes)
+    if os.path.exists(os.path.join(workdir, "results.json")):
+        with open(os.path.join(workdir, "results.json")) as f:
+            results = json.load(f)
     phase_seconds = results.get("metadata", {}).get("phase_seconds", {})
     spans = phase_spans(mon, phase_seconds)
 
     all_tasks = task_table(config)
-    chosen = set(results["tasks"])
+    if "tasks" in results:
+        chosen = set(results["tasks"])
+    else:  # as run.load_task_list selects them
+        ids = sorted(t["task_id"] for t in all_tasks)
+        ids = [i for i in ids if i in set(config.data.task_ids)] if config.data.task_ids else ids
+        chosen = set(ids[: config.data.max_tasks] if config.data.max_tasks else ids)
     tasks = [t for t in all_tasks if t["task_id"] in chosen]
-    model = json.load(open(os.path.join(config.model.path, "config.json")))
+    with open(os.path.join(ROOT, config.model.path, "config.json")) as f:
+        model = json.load(f)
     steps, batch = config.train.steps, config.train.batch_size
+    stop = config.train.get("stop_after_steps", 0)
+    trained = min(steps, stop) if stop else steps  # steps each unit trained in this process
     flops_of = lambda t: row_flops(model, config.lora.rank, config.lora.targets,
                                    t["row_tokens"], t["loss_tokens"])
     row: dict[str, Any] = {
@@ -512,15 +523,15 @@ def run_one(label: str, args, overrides: dict[str, str], base: str, model_dir: s
             row[f"{name} s"] = phase_seconds.get(name, end - start) if name != "load" else (
                 end - start)
             row[f"{name} MiB"] = span_peak_mib(mon.samples, start, end)
-    tokens = steps * batch * sum(t["row_tokens"] for t in tasks)
+    tokens = trained * batch * sum(t["row_tokens"] for t in tasks)
     if "ttft s" in row and tokens:
         row["TTFT real tokens"] = tokens
         row["TTFT us/real token"] = 1e6 * row["ttft s"] / tokens
         row["TTFT useful GFLOP/s (wall)"] = (
-            steps * batch * sum(flops_of(t) for t in tasks) / row["ttft s"] / 1e9)
+            trained * batch * sum(flops_of(t) for t in tasks) / row["ttft s"] / 1e9)
     buckets = []
     if config.mode == "ttft" and config.ttft.mode == "per_task":
-        buckets = ttft_by_bucket(workdir, tasks, steps, batch, flops_of,
+        buckets = ttft_by_bucket(workdir, tasks, steps, trained, batch, flops_of,
                                  spans.get("ttft", (None,))[0])
         for b in buckets:
             b["run"] = label
@@ -623,6 +634,8 @@ def main(argv=None) -> None:
         save(rows, bucket_rows)
     report(rows, bucket_rows)
     print(f"\nwrote {save(rows, bucket_rows)}")
+    if not args.workdir and not args.keep:  # the temp dir: model and compilation caches
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def report(rows: list[dict], bucket_rows: list[dict]) -> None:

@@ -66,6 +66,8 @@ def main() -> None:
                       help="up to this seq_len, time all 32 layers (where memory allows); "
                            "longer: time --probe-layers and extrapolate to 32")
     phi3.add_argument("--probe-layers", default="2,4")
+    phi3.add_argument("--alternate", action=argparse.BooleanOptionalAction, default=True,
+                      help="step the probe models in turn in one process (else one each)")
     phi3.add_argument("--peer-layers", type=int, default=4, help="0: no PyTorch peer")
     phi3.add_argument("--peer-steps", type=int, default=2)
     # --side phi3: one measurement
@@ -308,14 +310,18 @@ def phi3_mini_table(args) -> None:
                     "" if len(r["times"]) >= 10 else ", extrapolated to 10")
                 peak = round(out["peak_rss_mib"] / 1024, 1)
             else:
-                out = side([*common, "--layers", args.probe_layers])
-                raw.append(out)
-                probes = out["runs"]
+                if args.alternate:
+                    outs = [side([*common, "--layers", args.probe_layers])]
+                else:  # one process per layer count: the peak memory of one probe only
+                    outs = [side([*common, "--layers", n]) for n in args.probe_layers.split(",")]
+                raw += outs
+                probes = [run for out in outs for run in out["runs"]]
                 per_step = _linear_in_layers(probes, lambda p: float(np.median(p["times"])))
                 memory = _linear_in_layers(probes, xla_gib)
                 how = ("extrapolated linearly in layers from " + " and ".join(
                     f"{p['layers']} layers ({len(p['times'])} timed steps, median "
-                    f"{np.median(p['times']):.1f} s)" for p in probes) + ", alternating")
+                    f"{np.median(p['times']):.1f} s)" for p in probes)
+                    + (", alternating" if args.alternate else ", one process each"))
                 peak = "-"
             rows.append({
                 "impl": f"arc_jax {base} base", "layers": 32, "seq_len": seq_len,
