@@ -415,8 +415,11 @@ def ttft_by_bucket(workdir: str, tasks: list[dict], steps: int, trained: int, ba
     """Per bucket: units, tasks, tokens, wall time (units' spans, compiles included) and the
     steady-state step time and useful FLOP/s (steps after each unit's first). `steps`: the
     config's (each unit's TensorBoard steps), `trained`: the steps run in this process."""
-    units = []  # (bucket, first task position, n_real), in training order
-    order = {t["task_id"]: i for i, t in enumerate(tasks)}
+    by_bucket: dict[int, list[dict]] = {}  # each bucket's tasks in id order, as units take them
+    for t in tasks:
+        by_bucket.setdefault(t["bucket"], []).append(t)
+    order = {t["task_id"]: i for members in by_bucket.values() for i, t in enumerate(members)}
+    units = []  # (bucket, first task's position in its bucket, n_real), in training order
     for path in glob.glob(os.path.join(workdir, "checkpoints", "bucket*_*")):
         m = re.fullmatch(r"bucket(\d+)_(.+)_(\d+)", os.path.basename(path))
         if m and m.group(2) in order:
@@ -426,8 +429,8 @@ def ttft_by_bucket(workdir: str, tasks: list[dict], steps: int, trained: int, ba
     rows: dict[int, dict] = {}
     previous_end = ttft_start
     for k, (bucket, first, n_real) in enumerate(units):
-        members = tasks[first:first + n_real]
-        assert all(t["bucket"] == bucket for t in members), (bucket, first, n_real)
+        members = by_bucket.get(bucket, [])[first:first + n_real]
+        assert len(members) == n_real, (bucket, first, n_real)
         marks = sorted((s, w) for s, w in times.items() if k * steps < s <= (k + 1) * steps)
         row = rows.setdefault(bucket, {
             "bucket": bucket, "units": 0, "tasks": 0, "row_tokens": 0.0, "wall_s": 0.0,

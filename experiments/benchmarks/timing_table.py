@@ -299,7 +299,7 @@ def phi3_mini_table(args) -> None:
     for seq_len in seq_lens:
         batch_file = os.path.join(work, f"phi3_batch_{seq_len}.npz")
         real = int(write_phi3_batch(batch_file, seq_len)["length"].sum())
-        for base in args.bases.split(","):
+        for base in [b for b in args.bases.split(",") if b]:  # --bases "": the peer only
             common = ["--base", base, "--seq-len", str(seq_len), "--batch-file", batch_file]
             if seq_len <= args.full_max_seq:  # the whole model, where memory allows
                 out = side([*common, "--layers", "32"])
@@ -355,7 +355,8 @@ def phi3_mini_table(args) -> None:
                        f"vs PEFT {torch_s / s:.2f}x",
             })
     print_table(rows)
-    path = write_results(f"timing_table_phi3-mini_{'_'.join(map(str, seq_lens))}", rows, {
+    name = f"timing_table_phi3-mini_{'_'.join(map(str, seq_lens))}"
+    path = write_results(name + ("" if args.bases else "_peer"), rows, {
         "threads": args.threads, "compute": args.compute, "remat": args.remat,
         "budget_min": args.budget_min, "raw": raw})
     print(f"wrote {path}")
