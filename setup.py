@@ -27,6 +27,8 @@ setuptools.setup(
     ],
     extras_require={
         # torch is pinned: this exact CPU wheel is local; any other spec pulls GBs of CUDA packages.
-        "test": ["pytest>=8", "hypothesis>=6", "torch==2.13.0", "peft>=0.13"],
+        # nbclient, nbformat, ipykernel, matplotlib: tests/test_notebooks.py runs notebooks/.
+        "test": ["pytest>=8", "hypothesis>=6", "torch==2.13.0", "peft>=0.13",
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"],
     },
 )

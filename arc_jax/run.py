@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -43,10 +44,11 @@ from arc_jax.infer.inference import EvalSettings, evaluate_tasks
 from arc_jax.job import Job
 from arc_jax.model.convert import load_pretrained, save_pretrained
 from arc_jax.model.lora import LoraConfig, init_lora, merge_lora
-from arc_jax.model.peft_io import save_peft
+from arc_jax.model.peft_io import save_peft, save_peft_adapters
 from arc_jax.model.phi3 import Phi3
 from arc_jax.model.quantize import dequantize_params, quantize_params
 from arc_jax.model.tiny import ensure_tiny_model, scratch_config
+from arc_jax.report import build_report
 from arc_jax.train import checkpoint, ttft
 from arc_jax.train.step import StepFns, init_state, make_optimizer
 from arc_jax.train.tensorboard import Writer, render_row
@@ -171,9 +173,13 @@ def load_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 
 def load_task_list(
     source: str, solutions: str, max_tasks: int, task_ids: Sequence[str] = (),
+    subset: str = "",
 ) -> list[Task]:
     """Validated tasks from `source` (bad ones reported and skipped), restricted to `task_ids`
-    when given, then the first `max_tasks`."""
+    when given, then to the `subset` rule (`data.subset`: "every:N[:K]" of the sorted ids, or
+    ids), then the first `max_tasks`."""
+    from arc_jax.data.pools import holdout_ids
+
     loaded = load_tasks(source, solutions or None)
     if task_ids:
         missing = sorted(set(task_ids) - set(loaded))
@@ -181,6 +187,13 @@ def load_task_list(
             raise settings.ConfigError(
                 f"config.data.task_ids: {missing} not among the valid tasks of {source!r}")
         loaded = {i: loaded[i] for i in sorted(task_ids)}
+    if subset and subset != "none":
+        chosen = holdout_ids(subset, sorted(loaded))
+        missing = sorted(set(chosen) - set(loaded))
+        if missing:
+            raise settings.ConfigError(
+                f"config.data.subset: {missing} not among the valid tasks of {source!r}")
+        loaded = {i: loaded[i] for i in chosen}
     tasks = list(loaded.values())
     if not tasks:
         raise ValueError(f"no valid task in {source!r}")
@@ -463,8 +476,62 @@ def export_model(setup: Setup, trainable: Any, directory: str) -> None:
 
 def eval_settings(config) -> EvalSettings:
     e = config.eval
-    return EvalSettings(n_augmentations=e.n_augmentations, temperature=float(e.temperature),
-                        top_k=e.top_k, max_new_tokens=e.max_new_tokens)
+    return EvalSettings(
+        n_augmentations=e.n_augmentations, temperature=float(e.temperature), top_k=e.top_k,
+        max_new_tokens=e.max_new_tokens, strategy=e.get("strategy", "vote"),
+        dfs_min_prob=float(e.get("dfs_min_prob", 0.1)),
+        dfs_max_candidates=e.get("dfs_max_candidates", 8),
+        dfs_max_steps=e.get("dfs_max_steps", 0), scoring=e.get("scoring", "vote"),
+        score_views=e.get("score_views", 8))
+
+
+def export_task_adapters(setup: Setup, tasks: Sequence[Task], adapters: dict[int, Any]) -> dict:
+    """`<workdir>/adapters/<task_id>/` (PEFT) for every trained task, over one base: `model.path`
+    itself when arc_jax runs it as stored, else (a quantized or scratch base) the base as
+    arc_jax runs it, exported once to `<workdir>/adapters/base/` (transformers). Returns the
+    manifest (`adapters/adapters.json`)."""
+    cfg = setup.config
+    root = os.path.join(setup.workdir, "adapters")
+    scratch = cfg.model.get("scratch")
+    as_stored = cfg.model.quantize == "none" and not (scratch and scratch.hidden_size > 0)
+    if as_stored:
+        base = os.path.abspath(cfg.model.path)
+    else:
+        base = os.path.abspath(os.path.join(root, "base"))
+        save_pretrained(base, setup.model, dequantize_params(setup.params,
+                                                             setup.model.param_dtype))
+        setup.tokenizer.save_pretrained(base)
+    manifest = save_peft_adapters(root, {tasks[i].task_id: tree for i, tree in
+                                         sorted(adapters.items())}, setup.lora, base)
+    log.info("exported %d per-task adapters to %s (base %s)", len(adapters), root, base)
+    return manifest
+
+
+def load_adapters_from(setup: Setup, tasks: Sequence[Task]) -> tuple[dict[int, Any], LoraConfig]:
+    """The per-task adapters a finished TTFT workdir (`eval.adapters_from`) saved, by task
+    index, and the LoRA config they were trained with (from its config.json). A task without
+    one runs the base (named in a warning)."""
+    source = setup.config.eval.adapters_from
+    with open(os.path.join(source, "config.json")) as f:
+        trained = ml_collections.ConfigDict(json.load(f))
+    if os.path.abspath(trained.model.path) != os.path.abspath(setup.config.model.path):
+        raise settings.ConfigError(
+            f"config.eval.adapters_from = {source!r} holds adapters of model.path "
+            f"{trained.model.path!r}, not of {setup.config.model.path!r}")
+    if trained.data.grid_format != setup.config.data.grid_format:
+        log.warning("the adapters in %s were trained with data.grid_format %r, evaluated "
+                    "with %r", source, trained.data.grid_format, setup.config.data.grid_format)
+    adapters = {}
+    for i, task in enumerate(tasks):
+        tree = load_task_adapter(dataclasses.replace(setup, workdir=source), task.task_id)
+        if tree is not None:
+            adapters[i] = tree
+    missing = [t.task_id for i, t in enumerate(tasks) if i not in adapters]
+    if missing:
+        log.warning("%d task(s) have no adapter in %s/ttft_adapters and run the base: %s",
+                    len(missing), source, ", ".join(missing))
+    log.info("evaluating %d saved per-task adapters from %s", len(adapters), source)
+    return adapters, settings.lora_config(trained)
 
 
 def evaluate_and_write(
@@ -486,18 +553,25 @@ def evaluate_and_write(
     by_id = {t.task_id: t for t in tasks}
     evaluation = evaluate(by_id, outputs.candidates, setup.pipeline.fmt,
                           val_loss=outputs.val_loss or None,
-                          val_tokens=outputs.val_tokens or None)
+                          val_tokens=outputs.val_tokens or None,
+                          scoring=setup.config.eval.get("scoring", "vote"),
+                          poe_scores=outputs.poe_scores)
     if jax.process_index() == 0:
         not_decoded = sorted(t.task_id for t in tasks if not any(
             outputs.candidates.get((t.task_id, q)) for q in range(len(t.test))))
         if not_decoded:
-            log.warning("%d task(s) have no decoded answer (skipped as too long, or out of "
-                        "time) and get the fallback in submission.json: %s", len(not_decoded),
+            log.warning("%d task(s) have no decoded answer (skipped as too long, out of time, "
+                        "or no DFS completion above eval.dfs_min_prob) and get the fallback in "
+                        "submission.json: %s", len(not_decoded),
                         ", ".join(not_decoded))
         metadata = {**setup.config.to_dict(), "phase_seconds": setup.job.phase_seconds,
                     "not_decoded": not_decoded}
         write_results(setup.workdir, evaluation, by_id, name=setup.config.name,
                       metadata=metadata, ttft_seconds=ttft_seconds)
+        try:  # the page only shows the files just written: it must never fail the run
+            build_report(setup.workdir, tasks=by_id)
+        except Exception as e:
+            log.warning("report.html not written: %s", e)
         step = setup.config.train.steps if setup.config.mode != "evaluate" else 0
         overall = {k: v for k, v in evaluation.overall.items()
                    if isinstance(v, (int, float)) and v is not None}
@@ -524,7 +598,8 @@ def _run_claimed(config: ml_collections.ConfigDict, workdir: str) -> dict | None
     setup = load_setup(config, workdir)
     try:
         eval_tasks = load_task_list(config.data.eval, config.data.eval_solutions,
-                                    config.data.max_tasks, config.data.task_ids)
+                                    config.data.max_tasks, config.data.task_ids,
+                                    config.data.get("subset", ""))
         params, adapters, seconds, done = setup.params, None, None, True
         setup.job.add_work(len(eval_tasks))  # evaluation
         start = time.perf_counter()
@@ -548,12 +623,17 @@ def _run_claimed(config: ml_collections.ConfigDict, workdir: str) -> dict | None
                 params = trainable
             else:
                 adapters = trainable
+        elif config.mode == "evaluate" and config.eval.get("adapters_from"):
+            adapters, lora = load_adapters_from(setup, eval_tasks)
+            setup = dataclasses.replace(setup, lora=lora)
         elif config.mode == "ttft":
             arrays = pad_tasks(eval_tasks)
             setup.job.add_work(len(eval_tasks))
             with setup.job.phase("ttft"):
                 if config.ttft.mode == "per_task":
                     adapters, done = train_per_task(setup, eval_tasks, arrays)
+                    if done and config.ttft.get("export_adapters") and jax.process_index() == 0:
+                        export_task_adapters(setup, eval_tasks, adapters)
                 else:
                     adapters, done = train_joint(setup, eval_tasks, arrays)
             seconds = time.perf_counter() - start

@@ -79,10 +79,42 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.data.buckets {tuple(config.data.buckets)} has no bucket <= "
             f"config.data.max_seq_len = {config.data.max_seq_len}")
+    check_eval(config)
     solutions = config.data.eval_solutions
     if solutions and not os.path.isfile(solutions):
         raise ConfigError(f"config.data.eval_solutions = {solutions!r}: no such file")
     check_training_data(config)
+
+
+def check_eval(config) -> None:
+    """`eval.strategy`, `eval.scoring`, the DFS and PoE knobs, `eval.adapters_from` and
+    `ttft.export_adapters`."""
+    from arc_jax.infer.evaluate import SCORINGS
+    from arc_jax.infer.inference import STRATEGIES
+
+    _choice(config, "eval.strategy", STRATEGIES)
+    _choice(config, "eval.scoring", SCORINGS)
+    for key in ("eval.dfs_max_candidates", "eval.score_views"):
+        _at_least(config, key, 1)
+    _at_least(config, "eval.dfs_max_steps", 0)
+    if not 0.0 < config.eval.dfs_min_prob <= 1.0:
+        raise ConfigError(f"config.eval.dfs_min_prob = {config.eval.dfs_min_prob!r}: must be "
+                          "in (0, 1]")
+    source = config.eval.adapters_from
+    if source:
+        if config.mode != "evaluate":
+            raise ConfigError(f"config.eval.adapters_from = {source!r} re-evaluates saved "
+                              f"adapters: it needs mode 'evaluate', not {config.mode!r}")
+        if not os.path.isdir(os.path.join(source, "ttft_adapters")):
+            raise ConfigError(f"config.eval.adapters_from = {source!r}: no ttft_adapters/ "
+                              "there (a finished per-task TTFT workdir holds one)")
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise ConfigError(f"config.eval.adapters_from = {source!r}: no config.json there "
+                              "(the adapters' LoRA config is read from it)")
+    if config.ttft.export_adapters and (config.mode != "ttft" or config.ttft.mode != "per_task"):
+        raise ConfigError("config.ttft.export_adapters = True writes per-task adapters: it needs "
+                          f"mode 'ttft' and ttft.mode 'per_task' (got {config.mode!r}, "
+                          f"{config.ttft.mode!r})")
 
 
 def check_training_data(config) -> None:
@@ -99,6 +131,10 @@ def check_training_data(config) -> None:
         pools.check_holdout(config.data.holdout)
     except ValueError as e:
         raise ConfigError(f"config.data.holdout: {e}") from None
+    try:
+        pools.check_holdout(config.data.get("subset", ""))
+    except ValueError as e:
+        raise ConfigError(f"config.data.subset: {e}") from None
     context = config.data.context_pairs
     if not (isinstance(context, (tuple, list)) and len(context) == 2
             and all(isinstance(x, int) and not isinstance(x, bool) for x in context)

@@ -42,7 +42,7 @@ RESUMABLE = (
     "name", "workdir", "memory_gb", "deadline_minutes", "compilation_cache", "distributed",
     "eval", "train.stop_after_steps", "train.stop_after_minutes", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.heldout_every",
-    "ttft.tasks_per_device",
+    "ttft.tasks_per_device", "ttft.export_adapters",
 )
 _ABSENT = "(absent)"
 
@@ -117,13 +117,29 @@ def resumable(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in RESUMABLE)
 
 
-def changed_keys(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
+def changed_keys(old: Mapping, new: Mapping,
+                 defaults: Mapping | None = None) -> dict[str, tuple[Any, Any]]:
     """{key: (old, new)} for the keys of two nested config dicts that differ and matter; a key
-    missing from one side shows as "(absent)"."""
+    missing from one side shows as "(absent)". With `defaults` (the code's own base config), a
+    key the old config lacks but the new one holds at its default is no change: it was added to
+    arc_jax since, and its default is the behaviour the old run had."""
     old, new = flat_config(old), flat_config(new)
+    defaults = flat_config(defaults) if defaults is not None else {}
+    added_at_default = lambda k: (k not in old and k in defaults and
+                                  new.get(k, _ABSENT) == defaults[k])
     return {k: (old.get(k, _ABSENT), new.get(k, _ABSENT))
             for k in sorted(set(old) | set(new))
-            if not resumable(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT)}
+            if not resumable(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT)
+            and not added_at_default(k)}
+
+
+def _base_defaults() -> dict | None:
+    """The defaults of `configs/base.py` when that package is importable (a checkout)."""
+    try:
+        from configs import base
+    except ImportError:
+        return None
+    return base.get_config().to_dict()
 
 
 def checkpoint_dirs(workdir: str | os.PathLike) -> list[str]:
@@ -151,7 +167,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
             f"{path} is unreadable ({err}), so the resume's config cannot be checked against "
             f"the checkpoints in {os.path.join(workdir, 'checkpoints')}; restore the file or "
             "use another --workdir") from err
-    changed = changed_keys(old, config.to_dict())
+    changed = changed_keys(old, config.to_dict(), _base_defaults())
     if changed:
         lines = "\n  ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in changed.items())
         raise ResumeConfigError(

@@ -57,6 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.eval_solutions = ""  # Kaggle solutions file for a challenges data.eval
     c.data.max_tasks = 0  # 0 = all; N = the first N task ids in sorted order
     c.data.task_ids = ()  # only these tasks (before max_tasks); () = all
+    # then a fixed subset by rule, as data.holdout: "every:4" = every 4th sorted id (100 tasks)
+    c.data.subset = ""
     c.data.grid_format = "shape_numbered"  # minimal | shape | numbered | shape_numbered
     c.data.loss_on = "target"  # target | all_outputs
     c.data.buckets = (512, 1024, 2048, 4096, 8192)
@@ -91,12 +93,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.ttft = ml_collections.ConfigDict()
     c.ttft.mode = "per_task"  # joint (one adapter for all tasks) | per_task (one adapter each)
     c.ttft.tasks_per_device = 0  # per_task: adapters vmapped per device; 0 = from memory_gb
+    c.ttft.export_adapters = False  # per_task: also write <workdir>/adapters/<task_id>/ (PEFT)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.n_augmentations = 8  # decoded views per test input (dihedral x colour), voted
     c.eval.temperature = 0.0  # 0 = greedy
     c.eval.top_k = 0
     c.eval.max_new_tokens = 0  # 0 = enough for a 30x30 grid in the format
+    c.eval.strategy = "vote"  # vote: one decoded answer per view | dfs: all above dfs_min_prob
+    c.eval.dfs_min_prob = 0.1  # dfs: keep every completion with probability >= this, per view
+    c.eval.dfs_max_candidates = 8  # dfs: at most this many completions per view
+    c.eval.dfs_max_steps = 0  # dfs: at most this many expanded tokens per view; 0 = no cap
+    c.eval.scoring = "vote"  # vote (count) | poe (sum of log p over score_views) | count_logprob
+    c.eval.score_views = 8  # poe: augmented views each distinct candidate is scored under
+    c.eval.adapters_from = ""  # evaluate mode: a finished per-task TTFT workdir whose
+    # ttft_adapters/<task_id>.npz are evaluated (under its lora config); "" = none
     c.eval.images = 4  # tasks rendered to TensorBoard
     c.eval.reserve_minutes = 0.0  # kept for evaluation before deadline_minutes; 0 = a quarter
 

@@ -140,6 +140,16 @@ def test_unknown_task_id_is_named(tmp_path):
         run.load_task_list("kaggle2024/evaluation", "", 0, ("nonexistent",))
 
 
+def test_subset_rule_takes_every_nth_sorted_task():
+    every = run.load_task_list("kaggle2024/evaluation", "", 0, subset="every:4")
+    ids = sorted(t.task_id for t in run.load_task_list("kaggle2024/evaluation", "", 0))
+    assert [t.task_id for t in every] == ids[0::4] and len(every) == 100
+    few = run.load_task_list("kaggle2024/evaluation", "", 2, subset="every:4:1")
+    assert [t.task_id for t in few] == ids[1::4][:2]
+    with pytest.raises(settings.ConfigError, match="config.data.subset"):
+        run.load_task_list("kaggle2024/evaluation", "", 0, subset="nonexistent")
+
+
 def _setup(tmp_path, **overrides):
     config = tiny("color_swap", **overrides)
     setup = run.load_setup(config, str(tmp_path))

@@ -126,6 +126,17 @@ def test_resume_may_change_what_does_not_change_results(tmp_path):
     workdir.check_resume(config, tmp_path)
 
 
+def test_a_key_added_since_resumes_at_its_default_only(tmp_path):
+    old = tiny_config().to_dict()
+    del old["data"]["subset"]  # a config.json written before arc_jax had this key
+    defaults = get_config().to_dict()
+    assert workdir.changed_keys(old, tiny_config().to_dict(), defaults) == {}
+    changed = tiny_config(**{"data.subset": "every:4"}).to_dict()
+    assert workdir.changed_keys(old, changed, defaults) == {
+        "data.subset": ("(absent)", "every:4")}
+    assert "data.subset" in workdir.changed_keys(old, tiny_config().to_dict())  # no defaults
+
+
 def test_a_workdir_without_checkpoints_takes_any_config(tmp_path):
     write_json_atomic(tmp_path / "config.json", tiny_config().to_dict())
     workdir.check_resume(tiny_config(**{"train.steps": 9}), tmp_path)

@@ -182,6 +182,7 @@ def test_holdout_rules():
     ("data.train", ("kaggle2024/training", "kaggle2024/training"), "listed twice"),
     ("data.train", "/no/such/re_arc/tasks", "RE-ARC"),
     ("data.holdout", "every:0", "config.data.holdout"),
+    ("data.subset", "every:4:4", "config.data.subset"),
     ("data.context_pairs", (3, 2), "config.data.context_pairs"),
 ])
 def test_bad_training_data_keys_are_named(key, value, message):
@@ -331,6 +332,7 @@ def re_arc_data(tmp_path_factory, vocab):
 def test_re_arc_episodes_come_from_one_pool_and_fit_the_bucket(re_arc_data, vocab, augmented):
     config, data = re_arc_data
     config.augment.geometric = config.augment.color_swap = augmented
+    config.data.loss_on = "target"  # the answer alone, so the mask is checked exactly
     cfg = settings.pipeline_config(config)
     source = data.report["sources"][config.data.train]
     assert source["excluded_ids"] == {"holdout": ["007bbfb7"]}

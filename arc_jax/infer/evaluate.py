@@ -4,7 +4,13 @@ Decoding hands over, per `(task_id, test_index)`, a list of `Candidate`s: the au
 prompt was made with, the generated assistant text and the mean log-probability of its tokens.
 
     candidate text --parse_answer--> augmented grid --invert_augmentation_np--> grid   (Prediction)
-    predictions of one test input --vote--> ranked distinct grids; the top 2 are the attempts
+    predictions of one test input --rank--> ranked distinct grids; the top 2 are the attempts
+
+Candidates are deduplicated in the task's own frame (after their augmentation is undone), then
+ranked by `scoring` (`SCORINGS`): `vote` (times found, then mean log-probability), `count_logprob`
+(times found plus the mean over its findings of the candidate's log-probability), or `poe`
+(product of experts: the sum over augmented views of the grid's teacher-forced log-probability,
+computed on device by `arc_jax.infer.scoring` and passed in).
 
 Metrics follow the research log's table: `val_loss` (teacher-forced NLL per output token, computed
 elsewhere and passed in), `accuracy` (top-1 exact), `pass_2` (either attempt exact), `correct_size`
@@ -39,15 +45,18 @@ FALLBACK_GRID = ((0,),)
 """Submitted when a test input has no valid prediction (Kaggle needs both attempts everywhere)."""
 
 SCORES = ("accuracy", "pass_2", "correct_size", "correct_pixels")
+SCORINGS = ("vote", "poe", "count_logprob")
 
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One decoded answer. `augmentation` is normalized to (int, int32 numpy `[10]`)."""
+    """One decoded answer. `augmentation` is normalized to (int, int32 numpy `[10]`).
+    `mean_logprob`: per token; `logprob`: of the whole text (None: not known)."""
 
     augmentation: Augmentation
     text: str
     mean_logprob: float
+    logprob: float | None = None
 
     def __post_init__(self):
         k = int(np.asarray(self.augmentation.dihedral))
@@ -58,6 +67,8 @@ class Candidate:
             raise ValueError(f"colors {colors.tolist()} is not a permutation of 0..9")
         object.__setattr__(self, "augmentation", Augmentation(k, colors))
         object.__setattr__(self, "mean_logprob", float(self.mean_logprob))
+        if self.logprob is not None:
+            object.__setattr__(self, "logprob", float(self.logprob))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +87,7 @@ class VotedGrid:
     grid: np.ndarray
     members: tuple[int, ...]
     mean_logprob: float  # mean over the members of their mean_logprob
+    score: float | None = None  # what `rank` sorted by (None: `vote`'s count, mean_logprob)
 
     @property
     def count(self) -> int:
@@ -144,6 +156,47 @@ def vote(predictions: Sequence[Prediction]) -> list[VotedGrid]:
     return sorted(voted, key=lambda v: (-v.count, -_logprob_key(v.mean_logprob)))
 
 
+GridKey = tuple[tuple[int, ...], bytes]
+
+
+def grid_key(grid: np.ndarray) -> GridKey:
+    """A hashable key of a grid `[h, w]`: its shape and cells."""
+    grid = np.asarray(grid, np.uint8)
+    return tuple(grid.shape), grid.tobytes()
+
+
+def rank(
+    predictions: Sequence[Prediction], scoring: str = "vote",
+    poe: Mapping[GridKey, float] | None = None,
+) -> list[VotedGrid]:
+    """The distinct valid grids of `predictions`, best first, by `scoring`:
+
+    vote: `vote`'s order (count, then mean log-probability).
+    count_logprob: count + the mean over the grid's predictions of their candidates' whole
+      log-probability (`Candidate.logprob`; `mean_logprob` where it is None).
+    poe: `poe[grid_key(grid)]`, the sum of the grid's log-probabilities over the scoring views;
+      grids without one (not scored in time) come after the scored ones, in `vote`'s order.
+    Ties keep `vote`'s order.
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    voted = vote(predictions)
+    if scoring == "vote":
+        return voted
+    if scoring == "count_logprob":
+        def whole(i: int) -> float:
+            c = predictions[i].candidate
+            return c.mean_logprob if c.logprob is None else c.logprob
+
+        scored = [dataclasses.replace(v, score=v.count + float(np.mean(
+            [_logprob_key(whole(i)) for i in v.members]))) for v in voted]
+    else:
+        poe = poe or {}
+        scored = [dataclasses.replace(v, score=poe.get(grid_key(v.grid))) for v in voted]
+    key = lambda v: -math.inf if v.score is None or math.isnan(v.score) else v.score
+    return sorted(scored, key=lambda v: -key(v))  # stable: ties keep vote's order
+
+
 def score(attempts: Sequence[np.ndarray], target: np.ndarray) -> dict[str, float]:
     """Scores up to 2 attempts `[h, w]` (best first; may be empty) against the target `[h, w]`."""
     top1 = attempts[0] if attempts else None
@@ -198,8 +251,10 @@ def evaluate(
     *,
     val_loss: Mapping[str, float] | None = None,
     val_tokens: Mapping[str, int] | None = None,
+    scoring: str = "vote",
+    poe_scores: Mapping[tuple[str, int], Mapping[GridKey, float]] | None = None,
 ) -> Evaluation:
-    """Parses, votes and scores every test input of every task.
+    """Parses, ranks (`rank` by `scoring`) and scores every test input of every task.
 
     Args:
       tasks: the evaluated tasks; test outputs that are None are predicted but not scored.
@@ -208,6 +263,8 @@ def evaluate(
       val_loss: per task, mean NLL per output token of its test outputs (teacher-forced).
       val_tokens: per task, the number of tokens behind its val_loss; makes the overall val_loss
         token-weighted instead of a plain mean over tasks.
+      scoring, poe_scores: how the distinct grids of a test input are ranked (`rank`), and for
+        `poe` each `(task_id, test_index)`'s scores by `grid_key`.
     """
     bad = [k for k in candidates if k[0] not in tasks or not 0 <= k[1] < len(tasks[k[0]].test)]
     if bad:
@@ -221,7 +278,7 @@ def evaluate(
         for i, pair in enumerate(task.test):
             given = candidates.get((task_id, i), ())
             preds = tuple(parse_candidate(c, fmt, template) for c in given)
-            ranked = tuple(vote(preds))
+            ranked = tuple(rank(preds, scoring, (poe_scores or {}).get((task_id, i))))
             scores = None if pair.output is None else score([v.grid for v in ranked], pair.output)
             results.append(TestResult(preds, ranked, scores))
         tests[task_id] = tuple(results)
@@ -319,7 +376,7 @@ def _test_json(test: TestResult, target: np.ndarray | None) -> dict[str, Any]:
         "scores": None if test.scores is None else dict(test.scores),
         "votes": [
             {"grid": v.grid.tolist(), "count": v.count, "mean_logprob": v.mean_logprob,
-             "members": list(v.members)}
+             "score": v.score, "members": list(v.members)}
             for v in test.ranked
         ],
         "candidates": [
@@ -328,6 +385,7 @@ def _test_json(test: TestResult, target: np.ndarray | None) -> dict[str, Any]:
                 "colors": np.asarray(p.candidate.augmentation.colors).tolist(),
                 "text": p.candidate.text,
                 "mean_logprob": p.candidate.mean_logprob,
+                "logprob": p.candidate.logprob,
                 "grid": None if p.grid is None else p.grid.tolist(),
                 "error": p.error,
                 "vote_rank": group.get(i),

@@ -4,8 +4,12 @@ vmapped), one shared adapter, or none.
 
 Each test input is decoded under `n_augmentations` views: view 0 is the identity, the others a
 random dihedral transform and colour permutation (0 kept) drawn from the task's own key, so a
-task's candidates do not depend on which other tasks are evaluated. `arc_jax.infer.evaluate`
-inverts, votes and scores them.
+task's candidates do not depend on which other tasks are evaluated. Per view, `strategy="vote"`
+decodes one sequence (`arc_jax.infer.generate`), `"dfs"` every completion above a probability
+threshold (`arc_jax.infer.dfs`). With `scoring="poe"` the distinct grids (augmentation undone)
+are then scored under `score_views` other views (`arc_jax.infer.scoring`), with the same
+batching, memory budget and resume cache. `arc_jax.infer.evaluate` inverts, ranks and scores
+them.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from arc_jax.data.pipeline import (
 )
 from arc_jax.data.tasks import Task
 from arc_jax.data.tokenizer import TokenVocab
-from arc_jax.infer.evaluate import Candidate
+from arc_jax.infer.dfs import _dfs, _dfs_sharded, dfs_per_task, search_options
+from arc_jax.infer.evaluate import SCORINGS, Candidate, grid_key, parse_candidate
 from arc_jax.infer.generate import (
     _decode,
     _decode_sharded,
@@ -45,29 +50,66 @@ from arc_jax.infer.generate import (
     max_answer_tokens,
     prompts_that_fit,
 )
+from arc_jax.infer.scoring import _score, _score_sharded, answer_ids, answer_width, score_answers
 from arc_jax.model.lora import LoraConfig, init_lora, stack_lora
 from arc_jax.model.phi3 import Phi3
 from arc_jax.train.step import masked_nll
 from arc_jax.train.ttft import gather
 
+STRATEGIES = ("vote", "dfs")
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """The `eval.*` knobs plus what decoding needs from the run."""
+    """The `eval.*` knobs plus what decoding needs from the run.
+
+    strategy: `vote` decodes one sequence per view (greedy or sampled); `dfs` every completion
+    with probability >= `dfs_min_prob` per view (`arc_jax.infer.dfs`), at most
+    `dfs_max_candidates` per view and `dfs_max_steps` expansions (0: no cap).
+    scoring: how the distinct grids are ranked (`arc_jax.infer.evaluate.rank`); `poe` scores
+    them under `score_views` augmented views (`arc_jax.infer.scoring`).
+    """
 
     n_augmentations: int = 8
     temperature: float = 0.0
     top_k: int = 0
     max_new_tokens: int = 0  # 0 = the largest answer in the format
+    strategy: str = "vote"
+    dfs_min_prob: float = 0.1
+    dfs_max_candidates: int = 8
+    dfs_max_steps: int = 0
+    scoring: str = "vote"
+    score_views: int = 8
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+
+    def cache_settings(self, what: str) -> dict[str, Any]:
+        """The settings a cached `what` ("decode" or "poe") result depends on: a vote decode
+        keeps its pre-DFS key, so caches made before DFS existed stay valid."""
+        keys = ["n_augmentations", "max_new_tokens"]
+        keys += (["strategy", "dfs_min_prob", "dfs_max_candidates", "dfs_max_steps"]
+                 if self.strategy == "dfs" else ["temperature", "top_k"])
+        if what == "poe":
+            keys += ["scoring", "score_views"]
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclasses.dataclass
 class EvalOutputs:
+    """candidates per (task_id, test index); val loss and its token count per task; with
+    `scoring="poe"`, each group's scores by `grid_key` of its distinct grids."""
+
     candidates: dict[tuple[str, int], list[Candidate]]
     val_loss: dict[str, float]
     val_tokens: dict[str, int]
+    poe_scores: dict[tuple[str, int], dict] = dataclasses.field(default_factory=dict)
 
 
+@functools.partial(jax.jit, static_argnames=("n_tests", "n_views"))
 def view_augmentations(key: jax.Array, n_tests: int, n_views: int) -> augment.Augmentation:
     """Augmentations `[n_tests, n_views]`: view 0 the identity, the rest random (dihedral and
     colour permutation keeping 0), from `key` (the task's own)."""
@@ -79,6 +121,16 @@ def view_augmentations(key: jax.Array, n_tests: int, n_views: int) -> augment.Au
         jnp.where(first, 0, augs.dihedral),
         jnp.where(first[:, None], jnp.arange(10, dtype=jnp.int32), augs.colors))
     return jax.tree.map(lambda x: x.reshape(n_tests, n_views, *x.shape[1:]), augs)
+
+
+# Streams of a (task, test input) group's key: decoding views, sampling, PoE scoring views.
+VIEWS, SAMPLING, SCORE_VIEWS = range(3)
+
+
+def stream_key(key: jax.Array, stream: int, task_key: int, q: int) -> jax.Array:
+    """The key of stream `stream` of test input `q` of the task with stream index `task_key`:
+    it follows the group, not the batch the group is evaluated in."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, stream), task_key), q)
 
 
 def prompt_length(vocab: TokenVocab, fmt: GridFormat, task: Task, answer: bool) -> int:
@@ -209,8 +261,7 @@ def evaluate_tasks(
         return stack_lora([adapters] * len(groups))
 
     def group_key(stream: int, i: int, q: int) -> jax.Array:
-        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, stream),
-                                                     task_keys[i]), q)
+        return stream_key(key, stream, task_keys[i], q)
 
     def group_size(compile_for, groups) -> int:
         m = _fit_groups(compile_for, budget_bytes, -(-len(groups) // n_dev), shared, n_local)
@@ -218,8 +269,9 @@ def evaluate_tasks(
 
     pairs = [(i, q) for i, t in enumerate(tasks) for q in range(len(t.test))]
     ids = [f"{tasks[i].task_id}/test{q}" for i, q in pairs]
-    cache = GroupCache(cache_dir, dataclasses.asdict(settings) | {"views": n_views,
-                                                                    "max_new": max_new})
+    extra = {"views": n_views, "max_new": max_new}
+    cache = GroupCache(cache_dir, settings.cache_settings("decode") | extra)
+    score_cache = GroupCache(cache_dir, settings.cache_settings("poe") | extra)
 
     # Teacher-forced val loss on the known test outputs.
     known = [n for n, (i, q) in enumerate(pairs) if tasks[i].test[q].output is not None]
@@ -272,7 +324,12 @@ def evaluate_tasks(
         if hit is not None:
             out.candidates[(tasks[i].task_id, q)] = [Candidate(
                 augment.Augmentation(c["dihedral"], np.asarray(c["colors"])), c["text"],
-                c["logprob"]) for c in hit["candidates"]]
+                c["logprob"], c.get("total")) for c in hit["candidates"]]
+    dfs = settings.strategy == "dfs"
+    lora_axis = None if adapters is None else 0
+    dfs_options = dict(min_prob=settings.dfs_min_prob, max_candidates=settings.dfs_max_candidates,
+                       max_new_tokens=max_new, eos_token_id=int(vocab.end),
+                       pad_token_id=int(vocab.pad), max_steps=settings.dfs_max_steps)
     for seq_len, members in assign_buckets(ids, prompt_lens, pipeline).items():
         groups = [pairs[m] for m in members if (tasks[pairs[m][0]].task_id, pairs[m][1])
                   not in out.candidates]
@@ -283,14 +340,22 @@ def evaluate_tasks(
             g = m * n_dev
             tokens = jax.ShapeDtypeStruct((g, n_views, seq_len), jnp.int32)
             lens = jax.ShapeDtypeStruct((g, n_views), jnp.int32)
+            lora = lora_for(groups[:1] * g)
+            if dfs:
+                options = search_options(**dfs_options)
+                if n_dev > 1:
+                    return _dfs_sharded.lower(model, params, lora, lora_config, tokens, lens,
+                                              **options, lora_axis=lora_axis,
+                                              mesh=mesh).compile()
+                return _dfs.lower(model, params, lora, lora_config, tokens, lens, **options,
+                                  lora_axis=lora_axis).compile()
             options = _options(jax.random.split(key, g), g, max_new, int(vocab.end),
                                int(vocab.pad), settings.temperature, settings.top_k)
-            lora_axis = None if adapters is None else 0
             if n_dev > 1:
                 return _decode_sharded.lower(
-                    model, params, lora_for(groups[:1] * g), lora_config, tokens, lens,
+                    model, params, lora, lora_config, tokens, lens,
                     **options, lora_axis=lora_axis, mesh=mesh).compile()
-            return _decode.lower(model, params, lora_for(groups[:1] * g), lora_config, tokens,
+            return _decode.lower(model, params, lora, lora_config, tokens,
                                  lens, **options, lora_axis=lora_axis).compile()
 
         for real, chunk in _chunks(groups, group_size(compile_decode, groups)):
@@ -299,7 +364,7 @@ def evaluate_tasks(
                                 "groups get the fallback answer", ids[pairs.index(real[0])])
                 break
             augs = jax.vmap(lambda k: view_augmentations(k, 1, n_views))(
-                jnp.stack([group_key(0, i, q) for i, q in chunk]))
+                jnp.stack([group_key(VIEWS, i, q) for i, q in chunk]))
             flat_augs = jax.tree.map(lambda x: x.reshape(-1, *x.shape[3:]), augs)
             tasks_idx = jnp.repeat(jnp.asarray([i for i, _ in chunk]), n_views)
             tests_idx = jnp.repeat(jnp.asarray([q for _, q in chunk]), n_views)
@@ -309,13 +374,29 @@ def evaluate_tasks(
             row_ids = [f"{tasks[i].task_id}/test{q}/view{v}" for i, q in real
                        for v in range(n_views)]
             keep = prompts_that_fit(lengths[: len(row_ids)], max_new, model.config, ids=row_ids)
-            gen = gather(generate_per_task(
-                model, params, lora_for(chunk), prompts.tokens.reshape(len(chunk), n_views, -1),
-                jnp.asarray(lengths).reshape(len(chunk), n_views), max_new_tokens=max_new,
-                eos_token_id=int(vocab.end), pad_token_id=int(vocab.pad),
-                temperature=settings.temperature, top_k=settings.top_k,
-                lora_config=lora_config, mesh=mesh,
-                group_keys=jnp.stack([group_key(1, i, q) for i, q in chunk])))
+            view_prompts = prompts.tokens.reshape(len(chunk), n_views, -1)
+            view_lengths = jnp.asarray(lengths).reshape(len(chunk), n_views)
+            if dfs:
+                found = gather(dfs_per_task(
+                    model, params, lora_for(chunk), view_prompts, view_lengths, **dfs_options,
+                    lora_config=lora_config, mesh=mesh))
+                # per view: (tokens [C, N], lengths [C], whole log-probs [C])
+                per_view = lambda g, v, found=found: [(
+                    found.tokens[g, v, c], int(found.lengths[g, v, c]),
+                    float(found.logprobs[g, v, c]) / max(int(found.lengths[g, v, c]), 1),
+                    float(found.logprobs[g, v, c])) for c in range(found.n_found[g, v])]
+            else:
+                gen = gather(generate_per_task(
+                    model, params, lora_for(chunk), view_prompts, view_lengths,
+                    max_new_tokens=max_new, eos_token_id=int(vocab.end),
+                    pad_token_id=int(vocab.pad), temperature=settings.temperature,
+                    top_k=settings.top_k, lora_config=lora_config, mesh=mesh,
+                    group_keys=jnp.stack([group_key(SAMPLING, i, q) for i, q in chunk])))
+                per_view = lambda g, v, gen=gen: [(
+                    gen.tokens[g, v], int(gen.lengths[g, v]),
+                    float(np.mean(gen.logprobs[g, v, : gen.lengths[g, v]]))
+                    if gen.lengths[g, v] else float("-inf"),
+                    float(np.sum(gen.logprobs[g, v, : gen.lengths[g, v]])))]
             host_augs = jax.device_get(flat_augs)
             for g, (i, q) in enumerate(real):
                 cands = out.candidates.setdefault((tasks[i].task_id, q), [])
@@ -323,17 +404,121 @@ def evaluate_tasks(
                     r = g * n_views + v
                     if not keep[r]:
                         continue
-                    n = int(gen.lengths[g, v])
-                    text = tokenizer.decode(gen.tokens[g, v, :n].tolist())
-                    logprob = float(np.mean(gen.logprobs[g, v, :n])) if n else float("-inf")
                     aug = augment.Augmentation(int(host_augs.dihedral[r]),
                                                np.asarray(host_augs.colors[r]))
-                    cands.append(Candidate(aug, text, logprob))
+                    for tokens, n, mean, total in per_view(g, v):
+                        text = tokenizer.decode(tokens[:n].tolist())
+                        cands.append(Candidate(aug, text, mean, total))
                 cache.put("decode", tasks[i].task_id, q, {"candidates": [
                     {"dihedral": int(c.augmentation.dihedral),
                      "colors": np.asarray(c.augmentation.colors).tolist(), "text": c.text,
-                     "logprob": c.mean_logprob} for c in cands]})
+                     "logprob": c.mean_logprob, "total": c.logprob} for c in cands]})
+    if settings.scoring == "poe":
+        out.poe_scores = _poe_scores(
+            model, params, vocab, pipeline, tasks, pairs, ids, prompt_lens, out.candidates,
+            lora_config, lora_axis, settings, score_cache, make_prompts=make_prompts,
+            device_arrays=device_arrays, lora_for=lora_for, group_key=group_key,
+            group_size=group_size, mesh=mesh, out_of_time=out_of_time)
     return out
+
+
+def _poe_scores(model, params, vocab, pipeline, tasks, pairs, ids, prompt_lens, candidates,
+                lora_config, lora_axis, settings, cache, *, make_prompts, device_arrays, lora_for,
+                group_key, group_size, mesh, out_of_time):
+    """Product-of-experts scores `{(task_id, q): {grid_key: sum over K views of log p}}` of
+    each group's distinct candidate grids (deduplicated after their augmentation is undone),
+    under `settings.score_views` views of the group's own (`SCORE_VIEWS` stream), view 0 the
+    identity. Batched and budgeted as decoding is; kept in `cache` per group."""
+    fmt = pipeline.fmt
+    n_views = settings.score_views
+    n_dev = 1 if mesh is None else mesh.size
+    scores: dict[tuple[str, int], dict] = {}
+    distinct: dict[tuple[str, int], list[np.ndarray]] = {}
+    for i, q in pairs:
+        key = (tasks[i].task_id, q)
+        grids = distinct_grids(candidates.get(key, ()), fmt)
+        if not grids:
+            continue
+        hit = cache.get("poe", *key)
+        if hit is not None:
+            scores[key] = {grid_key(np.asarray(e["grid"], np.uint8)): e["score"]
+                           for e in hit["grids"]}
+        else:
+            distinct[key] = grids
+    capacity = max([len(g) for g in distinct.values()], default=0)
+    width_cap = max_answer_tokens(vocab, fmt)
+    for seq_len, members in assign_buckets(ids, prompt_lens, pipeline).items():
+        groups = [pairs[m] for m in members if (tasks[pairs[m][0]].task_id, pairs[m][1])
+                  in distinct]
+        if not groups:
+            continue
+        longest = max(len(answer_ids(vocab, fmt, grid)) for i, q in groups  # both ways up
+                      for g in distinct[(tasks[i].task_id, q)] for grid in (g, g.T))
+        width = answer_width(longest, width_cap)
+
+        def compile_score(m, seq_len=seq_len, groups=groups, width=width):
+            g = m * n_dev
+            shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+            program = _score_sharded if n_dev > 1 else _score
+            extra = dict(mesh=mesh) if n_dev > 1 else {}
+            return program.lower(
+                model, params, lora_for(groups[:1] * g), lora_config,
+                shape(g, n_views, seq_len), shape(g, n_views),
+                shape(g, n_views, capacity, width), shape(g, n_views, capacity), shape(),
+                lora_axis=lora_axis, **extra).compile()
+
+        for real, chunk in _chunks(groups, group_size(compile_score, groups)):
+            if out_of_time():
+                logging.warning("scoring stopped for the job's deadline: %s and later groups "
+                                "are ranked by vote", ids[pairs.index(real[0])])
+                break
+            augs = jax.vmap(lambda k: view_augmentations(k, 1, n_views))(
+                jnp.stack([group_key(SCORE_VIEWS, i, q) for i, q in chunk]))
+            flat_augs = jax.tree.map(lambda x: x.reshape(-1, *x.shape[3:]), augs)
+            prompts = make_prompts(
+                device_arrays, jnp.repeat(jnp.asarray([i for i, _ in chunk]), n_views),
+                jnp.repeat(jnp.asarray([q for _, q in chunk]), n_views), flat_augs,
+                seq_len=seq_len)
+            host_augs = jax.device_get(flat_augs)
+            lengths = np.asarray(prompts.length).reshape(len(chunk), n_views)
+            answers = np.full((len(chunk), n_views, capacity, width), int(vocab.pad), np.int32)
+            answer_lens = np.ones((len(chunk), n_views, capacity), np.int32)
+            for g, (i, q) in enumerate(chunk):
+                for v in range(n_views):
+                    r = g * n_views + v
+                    aug = augment.Augmentation(int(host_augs.dihedral[r]),
+                                               np.asarray(host_augs.colors[r]))
+                    for c, grid in enumerate(distinct[(tasks[i].task_id, q)]):
+                        spelled = answer_ids(vocab, fmt, augment.apply_augmentation_np(aug, grid))
+                        answers[g, v, c, : len(spelled)] = spelled
+                        answer_lens[g, v, c] = len(spelled)
+            # views whose prompt leaves no room for the answer block take no part
+            fits = lengths + width + 1 <= model.config.max_position_embeddings
+            logp = gather(score_answers(
+                model, params, lora_for(chunk), prompts.tokens.reshape(len(chunk), n_views, -1),
+                lengths, answers, answer_lens,
+                n_answers=max(len(distinct[(tasks[i].task_id, q)]) for i, q in chunk),
+                lora_config=lora_config, mesh=mesh))
+            for g, (i, q) in enumerate(real):
+                key = (tasks[i].task_id, q)
+                grids = distinct[key]
+                total = np.where(fits[g][:, None], logp[g, :, : len(grids)], 0.0).sum(0)
+                scores[key] = {grid_key(grid): float(t) for grid, t in zip(grids, total,
+                                                                           strict=True)}
+                cache.put("poe", *key, {"grids": [{"grid": grid.tolist(), "score": float(t)}
+                                                  for grid, t in zip(grids, total, strict=True)]})
+    return scores
+
+
+def distinct_grids(candidates: Sequence[Candidate], fmt: GridFormat) -> list[np.ndarray]:
+    """The distinct valid grids `[h, w]` of `candidates`, each in the task's own frame (its
+    view's augmentation undone before deduplication), in order of first appearance."""
+    seen: dict = {}
+    for c in candidates:
+        grid = parse_candidate(c, fmt).grid
+        if grid is not None:
+            seen.setdefault(grid_key(grid), grid)
+    return list(seen.values())
 
 
 class GroupCache:

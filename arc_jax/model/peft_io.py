@@ -69,6 +69,24 @@ def save_peft(path: str | os.PathLike, lora: Mapping, config: LoraConfig,
                   lambda tmp: tmp.write_text(json.dumps(adapter_config, indent=2) + "\n"))
 
 
+MANIFEST_NAME = "adapters.json"
+
+
+def save_peft_adapters(root: str | os.PathLike, adapters: Mapping[str, Mapping],
+                       config: LoraConfig, base_model_name_or_path: str) -> dict:
+    """One PEFT directory per task, `<root>/<task_id>/`, all over one base, and the manifest
+    `<root>/adapters.json` = {"base": base path, "tasks": {task_id: adapter dir}} (what a
+    multi-LoRA server is given: the base once, one adapter per task). Returns the manifest."""
+    root = Path(root)
+    for task_id, lora in adapters.items():
+        save_peft(root / task_id, lora, config, base_model_name_or_path=base_model_name_or_path)
+    manifest = {"base": base_model_name_or_path,
+                "tasks": {t: str((root / t).resolve()) for t in adapters}}
+    atomic_write(root / MANIFEST_NAME,
+                 lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
+    return manifest
+
+
 def load_peft(path: str | os.PathLike, dtype=jnp.float32) -> tuple[dict, LoraConfig]:
     """Reads a PEFT LoRA directory back into `(lora tree, LoraConfig)`."""
     path = Path(path)

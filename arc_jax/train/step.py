@@ -54,7 +54,8 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
         decay = optax.constant_schedule(cfg.learning_rate)
     if warmup == 0:
         return decay
-    ramp = optax.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup - 1)
+    ramp = (optax.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup - 1)
+            if warmup > 1 else optax.constant_schedule(cfg.learning_rate))
     return optax.join_schedules([ramp, decay], [warmup])
 
 
