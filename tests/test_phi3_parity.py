@@ -12,16 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
-from arc_jax.model.convert import _TRANSFORMS, from_hf_name, unflatten
 from arc_jax.model.phi3 import (
-    Phi3,
-    Phi3Config,
     rope_attention_scale,
     rope_cos_sin,
     rope_inv_freq,
 )
+from experiments.benchmarks.phi3_parity import build_pair
 
 FIXTURE = Path(__file__).parents[2] / "shared" / "fixtures" / "phi-3-mini-4k-instruct"
 pytestmark = pytest.mark.skipif(
@@ -46,21 +43,7 @@ def real_width_config() -> dict:
 def pair():
     """(transformers model, our model, our params) with the same random weights: N(0, 0.02)
     (transformers' initializer_range), norm weights 1 + N(0, 0.2)."""
-    config = real_width_config()
-    torch.manual_seed(0)
-    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config.from_dict(dict(config)))
-    hf = hf.float().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.02)
-    flat = {}
-    for name, tensor in hf.state_dict().items():
-        path, transform = from_hf_name(name)
-        flat[path] = jnp.asarray(_TRANSFORMS[transform][0](tensor.numpy()))
-    return hf, Phi3(Phi3Config.from_hf(config)), unflatten(flat)
+    return build_pair(real_width_config(), std=0.02)
 
 
 def test_config_reads_like_transformers(pair):
