@@ -173,6 +173,18 @@ def _prompts(arrays, tasks, tests, augs, *, vocab, cfg, seq_len):
                       with_answer=False)
 
 
+def _view_prompts(make_prompts, device_arrays, keys: jax.Array, chunk, n_views: int,
+                  seq_len: int):
+    """`n_views` augmented prompts for each (task, test input) group of `chunk` `[G]`, group g's
+    views drawn from `keys[g]`: (augmentations flattened to `[G * n_views]`, prompt rows)."""
+    augs = jax.vmap(lambda k: view_augmentations(k, 1, n_views))(keys)
+    flat_augs = jax.tree.map(lambda x: x.reshape(-1, *x.shape[3:]), augs)
+    tasks_idx = jnp.repeat(jnp.asarray([i for i, _ in chunk]), n_views)
+    tests_idx = jnp.repeat(jnp.asarray([q for _, q in chunk]), n_views)
+    return flat_augs, make_prompts(device_arrays, tasks_idx, tests_idx, flat_augs,
+                                   seq_len=seq_len)
+
+
 def test_length(vocab: TokenVocab, fmt: GridFormat, task: Task, q: int, answer: bool) -> int:
     """Longest evaluation episode of `task`'s test input `q` over both orientations, with its
     answer (a known output) or the prompt only."""
@@ -363,13 +375,9 @@ def evaluate_tasks(
                 logging.warning("evaluation stopped for the job's deadline: %s and later "
                                 "groups get the fallback answer", ids[pairs.index(real[0])])
                 break
-            augs = jax.vmap(lambda k: view_augmentations(k, 1, n_views))(
-                jnp.stack([group_key(VIEWS, i, q) for i, q in chunk]))
-            flat_augs = jax.tree.map(lambda x: x.reshape(-1, *x.shape[3:]), augs)
-            tasks_idx = jnp.repeat(jnp.asarray([i for i, _ in chunk]), n_views)
-            tests_idx = jnp.repeat(jnp.asarray([q for _, q in chunk]), n_views)
-            prompts = make_prompts(device_arrays, tasks_idx, tests_idx, flat_augs,
-                                   seq_len=seq_len)
+            flat_augs, prompts = _view_prompts(
+                make_prompts, device_arrays, jnp.stack([group_key(VIEWS, i, q) for i, q in chunk]),
+                chunk, n_views, seq_len)
             lengths = np.asarray(prompts.length)
             row_ids = [f"{tasks[i].task_id}/test{q}/view{v}" for i, q in real
                        for v in range(n_views)]
@@ -472,13 +480,10 @@ def _poe_scores(model, params, vocab, pipeline, tasks, pairs, ids, prompt_lens, 
                 logging.warning("scoring stopped for the job's deadline: %s and later groups "
                                 "are ranked by vote", ids[pairs.index(real[0])])
                 break
-            augs = jax.vmap(lambda k: view_augmentations(k, 1, n_views))(
-                jnp.stack([group_key(SCORE_VIEWS, i, q) for i, q in chunk]))
-            flat_augs = jax.tree.map(lambda x: x.reshape(-1, *x.shape[3:]), augs)
-            prompts = make_prompts(
-                device_arrays, jnp.repeat(jnp.asarray([i for i, _ in chunk]), n_views),
-                jnp.repeat(jnp.asarray([q for _, q in chunk]), n_views), flat_augs,
-                seq_len=seq_len)
+            flat_augs, prompts = _view_prompts(
+                make_prompts, device_arrays,
+                jnp.stack([group_key(SCORE_VIEWS, i, q) for i, q in chunk]), chunk, n_views,
+                seq_len)
             host_augs = jax.device_get(flat_augs)
             lengths = np.asarray(prompts.length).reshape(len(chunk), n_views)
             answers = np.full((len(chunk), n_views, capacity, width), int(vocab.pad), np.int32)
