@@ -2,8 +2,9 @@
 
     python -m arc_jax.results_table workdirs/baseline workdirs/color_swap [--markdown]
 
-A row is named by the results' "name" (the config name), else by the workdir. The ttft time column
-appears when some results carry "ttft_seconds". A workdir without a readable results.json gets a row
+A row is named by the results' "name" (the config name), else by the workdir. Columns beyond the
+research log's (solved tasks, candidate coverage, correct size and pixels, TTFT and total time)
+appear when some results carry them. A workdir without a readable results.json gets a row
 that says so. Reads JSON only, so it works on a machine without the model stack.
 """
 
@@ -66,12 +67,20 @@ def _row(workdir: str) -> dict[str, str]:
     overall = results.get("overall") if isinstance(results.get("overall"), dict) else {}
     name = results.get("name") or meta.get("name") or base
     ttft = results.get("ttft_seconds", meta.get("ttft_seconds"))
+    wall = meta.get("wall_seconds")
+    solved, scored = _number(overall.get("solved_pass_2")), _number(overall.get("n_scored_tasks"))
+    optional = lambda key, fmt: "" if overall.get(key) is None else fmt(overall.get(key))
     return {
         "experiment": str(name),
         "val loss": _loss(overall.get("val_loss")),
         "val accuracy": _percent(overall.get("accuracy")),
         "pass@2": _percent(overall.get("pass_2")),
+        "solved (pass@2)": "" if solved is None or scored is None else f"{solved:g}/{scored:g}",
+        "coverage": optional("coverage", _percent),
+        "correct size": optional("correct_size", _percent),
+        "correct pixels": optional("correct_pixels", _percent),
         "ttft time": "" if ttft is None else _duration(ttft),
+        "total time": "" if wall is None else _duration(wall),
         "note": "" if overall else "no overall metrics",
     }
 
@@ -80,7 +89,8 @@ def results_table(workdirs: Sequence[str | os.PathLike], markdown: bool = False)
     """The table for `workdirs` (folders holding results.json), one row each, as text."""
     rows = [_row(os.fspath(w)) for w in workdirs]
     columns = ["experiment", "val loss", "val accuracy", "pass@2"]
-    columns += [c for c in ("ttft time", "note") if any(r.get(c) for r in rows)]
+    columns += [c for c in ("solved (pass@2)", "coverage", "correct size", "correct pixels",
+                            "ttft time", "total time", "note") if any(r.get(c) for r in rows)]
     cells = [[r.get(c) or ("" if c == "note" else "-") for c in columns] for r in rows]
     widths = [max(len(x) for x in [c, *(row[i] for row in cells)]) for i, c in enumerate(columns)]
 

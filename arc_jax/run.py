@@ -166,7 +166,8 @@ def load_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         raise settings.ConfigError(
             f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens, more than the model's "
             f"vocab_size {model.config.vocab_size} (config.model.path = {config.model.path})")
-    job = Job(config.get("deadline_minutes", 0), config.eval.get("reserve_minutes", 0))
+    job = Job(config.get("deadline_minutes", 0), config.eval.get("reserve_minutes", 0),
+              ledger=os.path.join(workdir, "job_seconds.json"))
     return Setup(config, workdir, model, params, tokenizer, vocab, pipeline,
                  settings.lora_config(config), Writer(workdir), jax.random.key(config.seed), job)
 
@@ -564,8 +565,7 @@ def evaluate_and_write(
                         "or no DFS completion above eval.dfs_min_prob) and get the fallback in "
                         "submission.json: %s", len(not_decoded),
                         ", ".join(not_decoded))
-        metadata = {**setup.config.to_dict(), "phase_seconds": setup.job.phase_seconds,
-                    "not_decoded": not_decoded}
+        metadata = {**setup.config.to_dict(), **setup.job.times(), "not_decoded": not_decoded}
         write_results(setup.workdir, evaluation, by_id, name=setup.config.name,
                       metadata=metadata, ttft_seconds=ttft_seconds)
         try:  # the page only shows the files just written: it must never fail the run
@@ -602,7 +602,6 @@ def _run_claimed(config: ml_collections.ConfigDict, workdir: str) -> dict | None
                                     config.data.get("subset", ""))
         params, adapters, seconds, done = setup.params, None, None, True
         setup.job.add_work(len(eval_tasks))  # evaluation
-        start = time.perf_counter()
         if config.mode == "finetune":
             from arc_jax.train import finetune
 
@@ -636,7 +635,7 @@ def _run_claimed(config: ml_collections.ConfigDict, workdir: str) -> dict | None
                         export_task_adapters(setup, eval_tasks, adapters)
                 else:
                     adapters, done = train_joint(setup, eval_tasks, arrays)
-            seconds = time.perf_counter() - start
+            seconds = setup.job.phase_seconds["ttft"]  # every chunk of a resumed run
         if not done and not setup.job.deadline_hit:
             log.warning("stopped after train.stop_after_steps or train.stop_after_minutes; "
                         "rerun the same command to resume")

@@ -8,8 +8,8 @@ Research log, Iteration 4, row "add color swap": val loss 0.099, val accuracy 16
 from configs import geometric
 
 
-def get_config():
-    c = geometric.get_config()
+def get_config(variant: str = ""):
+    c = geometric.get_config(variant)
     c.name = "color_swap"
     c.augment.color_swap = True
     return c

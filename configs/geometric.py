@@ -8,8 +8,8 @@ Research log, Iteration 4, row "add geometric augmentations": val loss 0.1107, a
 from configs import n_minus_1
 
 
-def get_config():
-    c = n_minus_1.get_config()
+def get_config(variant: str = ""):
+    c = n_minus_1.get_config(variant)
     c.name = "geometric"
     c.augment.geometric = True
     return c

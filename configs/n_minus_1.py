@@ -10,8 +10,8 @@ Research log, Iteration 4, row "train with n-1 samples": val loss 0.1398, val ac
 from configs import base
 
 
-def get_config():
-    c = base.get_config()
+def get_config(variant: str = ""):
+    c = base.get_config(variant)
     c.name = "n_minus_1"
     c.mode = "ttft"
     c.augment.n_leave_out = 1

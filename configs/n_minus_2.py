@@ -9,8 +9,8 @@ Research log, Iteration 4, row "train with n-2 samples": no better than n-1 (no 
 from configs import color_swap
 
 
-def get_config():
-    c = color_swap.get_config()
+def get_config(variant: str = ""):
+    c = color_swap.get_config(variant)
     c.name = "n_minus_2"
     c.augment.n_leave_out = 2
     return c

@@ -9,8 +9,8 @@ colour swap (no figures given).
 from configs import color_swap
 
 
-def get_config():
-    c = color_swap.get_config()
+def get_config(variant: str = ""):
+    c = color_swap.get_config(variant)
     c.name = "preserve_color"
     c.augment.preserve_color = True
     c.augment.preserve_color_prob = 0.5

@@ -1,9 +1,13 @@
 """Trains the project's own small Phi-3-architecture model from scratch (a random model of
 `model.scratch`'s size, all weights trained, no LoRA) on the kaggle2024 training tasks plus
 RE-ARC pools of generated pairs for the same tasks, with the augmentations; the exported
-`workdirs/train_base_model/model` is a transformers directory usable as `model.path`.
+`workdirs/train_base_model/model` is a transformers directory usable as `model.path`. This config
+trained the shipped `arc_jax/assets/arc_phi3_small` (its README.md is the model card), in
+resumable chunks of `train.stop_after_minutes`:
 
-    python -m arc_jax.main --config=configs/train_base_model.py
+    python -m arc_jax.main --config=configs/train_base_model.py \
+        --workdir=$HOME/arc_runs/base_model --config.train.stop_after_minutes=100
+    python -m experiments.base_model.ship --workdir $HOME/arc_runs/base_model  # card + assets
     python -m arc_jax.main --config=configs/train_base_model.py --config.train.steps=20 \
         --config.data.max_tasks=8      # a quick run
     python -m arc_jax.main --config=configs/train_base_model.py \
@@ -21,8 +25,8 @@ from configs import base
 RE_ARC = "../shared/data/re_arc/tasks"
 
 
-def get_config():
-    c = base.get_config()
+def get_config(variant: str = ""):
+    c = base.get_config(variant)
     c.name = "train_base_model"
     c.mode = "finetune"
     c.lora.enabled = False
@@ -39,11 +43,11 @@ def get_config():
                                 num_key_value_heads=2, intermediate_size=512))
     c.model.matmul_dtype = "bfloat16"
     c.data.max_seq_len = 4096
-    c.train.steps = 1600
+    c.train.steps = 500
     c.train.batch_size = 8
     c.train.learning_rate = 1.5e-3
     c.train.warmup_steps = 50
     c.train.weight_decay = 0.01
     c.train.checkpoint_every = 50
-    c.train.heldout_every = 200  # the held-out curve of the model card
+    c.train.heldout_every = 100  # the held-out curve of the model card
     return c

@@ -17,6 +17,7 @@ from arc_jax import run, settings
 from arc_jax.data.arrays import pad_tasks
 from arc_jax.infer.evaluate import validate_submission
 from arc_jax.model.convert import load_pretrained
+from arc_jax.model.tiny import TINY_MODEL_DIR
 from arc_jax.train import ttft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +31,7 @@ EXPERIMENTS = ("baseline", "n_minus_1", "geometric", "color_swap", "preserve_col
 def tiny(name: str, **overrides):
     """An experiment config shrunk to seconds: 2 tasks, 3 steps, small buckets and decoding."""
     config = importlib.import_module(f"configs.{name}").get_config()
+    config.model.path = TINY_MODEL_DIR  # the random tiny model: tests stay fast
     config.data.task_ids = EVAL_TASKS
     config.data.buckets = (256, 512)
     config.train.steps = 3
@@ -85,7 +87,7 @@ def test_command_line_quick_run_and_bad_keys(tmp_path):
             f"--workdir={tmp_path}", "--config.data.max_tasks=1",
             "--config.data.buckets=(256,512)", "--config.train.steps=2",
             "--config.eval.n_augmentations=1", "--config.eval.max_new_tokens=8",
-            "--config.lora.rank=4"]
+            "--config.lora.rank=4", f"--config.model.path={TINY_MODEL_DIR}"]
     done = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "results.json").exists() and (tmp_path / "submission.json").exists()

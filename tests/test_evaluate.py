@@ -138,12 +138,26 @@ def test_metrics_by_hand():
     assert o["correct_pixels"] == pytest.approx(0.875 / 3)
     assert o["val_loss"] == pytest.approx(0.25)
     assert (o["n_tasks"], o["n_scored_tasks"], o["n_test"]) == (4, 3, 5)
+    assert (o["solved_top1"], o["solved_pass_2"]) == (0.5, 1.0)  # task a: 1 of 2, 2 of 2
+    assert o["coverage"] == pytest.approx(1 / 3)
     assert (o["n_candidates"], o["n_invalid"], o["n_fallback"]) == (10, 2, 1)
 
     weighted = evaluate(tasks, cands, FMT, val_loss={"a": 0.2, "b": 0.4, "c": 0.1},
                         val_tokens={"a": 10, "b": 30, "c": 60, "d": 5})
     assert weighted.overall["val_loss"] == pytest.approx((2 + 12 + 6) / 100)
     assert weighted.per_task["b"]["val_tokens"] == 30 and "val_loss" not in weighted.per_task["d"]
+
+
+def test_coverage_counts_a_target_ranked_below_the_attempts():
+    target = [[1, 2]]
+    tasks = {"t": make_task("t", target)}
+    cands = {("t", 0): [candidate([[3]]), candidate([[3]]), candidate([[4]]), candidate([[4]]),
+                        candidate(target)]}
+    ev = evaluate(tasks, cands, FMT)
+    m = ev.per_task["t"]
+    assert (m["pass_2"], m["coverage"]) == (0.0, 1.0)
+    assert evaluate(tasks, {("t", 0): cands[("t", 0)][:4]}, FMT).per_task["t"]["coverage"] == 0
+
 
 
 def test_evaluate_rejects_unknown_keys():

@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(**overrides):
     """The base config shrunk to 2 small tasks and 3 steps; `overrides` by dotted key."""
     config = get_config()
+    config.model.path = TINY_MODEL_DIR  # the random tiny model: tests stay fast
     config.data.task_ids = ("66e6c45b", "be03b35f")
     config.data.buckets = (256, 512)
     config.train.steps = 3

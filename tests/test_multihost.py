@@ -31,7 +31,7 @@ def tiny_config():
 
     c = base.get_config()
     c.name = "multihost"
-    c.model.path = os.path.join(ROOT, base.DEFAULT_MODEL)
+    c.model.path = os.path.join(ROOT, "arc_jax/assets/tiny_phi3")  # the random tiny model
     c.mode = "ttft"
     c.ttft.mode = "per_task"
     c.data.task_ids = TASKS

@@ -452,3 +452,33 @@ def test_tiny_finetune_run_on_a_pool_source(tmp_path):
     assert np.isfinite(heldout["curve"][0]["val_loss"])
     model, _ = load_pretrained(workdir / "model")
     assert model.config.num_hidden_layers == 2
+
+
+def test_tokens_seen_replays_the_training_batches(tmp_path):
+    """`finetune.tokens_seen` (the model card's count) equals the tokens the training steps
+    report, over two buckets and two micro-batches per step."""
+    config = importlib.import_module("configs.train_base_model").get_config()
+    config.data.train = (("kaggle2024/training", 1.0), (_re_arc_dir(tmp_path), 2.0))
+    config.data.max_tasks = 3
+    config.data.buckets = (512, 1024)
+    config.data.max_seq_len = 1024
+    config.train.steps = 4
+    config.train.batch_size = 2
+    config.train.grad_accum = 2
+    config.model.scratch.update(dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, intermediate_size=32))
+    setup = run.load_setup(config, str(tmp_path / "run"))
+    data = finetune.load_training_data(config, setup.vocab, setup.pipeline.fmt)
+    data_key = setup.stream(run.DATA)
+    state, step_fn = finetune.make_training(setup, data, init_key=setup.stream(run.INIT),
+                                            data_key=data_key,
+                                            dropout_key=setup.stream(run.DROPOUT))
+    tokens = loss_tokens = 0
+    for s in range(config.train.steps):
+        state, metrics = step_fn(state, s)
+        tokens += int(metrics["tokens"])
+        loss_tokens += int(metrics["loss_tokens"])
+    seen = finetune.tokens_seen(setup, data, data_key, config.train.steps)
+    assert len(set(finetune.bucket_schedule(data.bucket_weights(), 4, config.seed))) == 2
+    assert (seen["tokens"], seen["loss_tokens"]) == (tokens, loss_tokens)
+    assert seen["rows"] == 16 and 0 < seen["tokens"] < seen["padded_tokens"]

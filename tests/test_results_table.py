@@ -62,6 +62,10 @@ def test_reads_what_evaluate_writes(tmp_path):
     fmt = get_grid_format("minimal")
     cands = {("t", 0): [Candidate(Augmentation(0, np.arange(10)), answer_text(grid, fmt), -0.1)]}
     ev = evaluate({"t": task}, cands, fmt, val_loss={"t": 0.25})
-    write_results(tmp_path / "run", ev, {"t": task}, name="n_minus_1", ttft_seconds=59.6)
-    assert results_table([tmp_path / "run"]).splitlines()[2].split() == [
-        "n_minus_1", "0.2500", "100.00%", "100.00%", "0:01:00"]
+    write_results(tmp_path / "run", ev, {"t": task}, name="n_minus_1", ttft_seconds=59.6,
+                  metadata={"wall_seconds": 3725.0})
+    lines = results_table([tmp_path / "run"]).splitlines()
+    assert lines[0].split("  ")[:1] == ["experiment"] and "solved (pass@2)" in lines[0]
+    assert lines[2].split() == [
+        "n_minus_1", "0.2500", "100.00%", "100.00%", "1/1", "100.00%", "100.00%", "100.00%",
+        "0:01:00", "1:02:05"]

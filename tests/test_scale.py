@@ -160,3 +160,13 @@ def test_evaluation_resumes_after_a_kill(tmp_path, monkeypatch):
     with open(tmp_path / "whole" / "submission.json") as f, \
             open(tmp_path / "parts" / "submission.json") as g:
         assert json.load(f) == json.load(g)
+    # The time of both processes is in results.json: the killed one's evaluation included.
+    with open(tmp_path / "parts" / "job_seconds.json") as f:
+        ledger = json.load(f)
+    with open(tmp_path / "parts" / "results.json") as f, \
+            open(tmp_path / "whole" / "results.json") as g:
+        parts, single = json.load(f)["metadata"], json.load(g)["metadata"]
+    assert parts["processes"] == 2 and single["processes"] == 1
+    assert parts["phase_seconds"]["evaluate"] == pytest.approx(
+        ledger["phase_seconds"]["evaluate"], rel=0.05)
+    assert parts["wall_seconds"] > parts["phase_seconds"]["evaluate"] > 0

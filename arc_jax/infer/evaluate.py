@@ -14,10 +14,12 @@ computed on device by `arc_jax.infer.scoring` and passed in).
 
 Metrics follow the research log's table: `val_loss` (teacher-forced NLL per output token, computed
 elsewhere and passed in), `accuracy` (top-1 exact), `pass_2` (either attempt exact), `correct_size`
-and `correct_pixels` (pixel accuracy of the top-1, 0 when its size is wrong). A task with several
-test inputs scores the mean over its test inputs; overall numbers are means over tasks. A test
-input without a valid prediction scores 0; tasks whose test outputs are unknown are predicted but
-not scored.
+and `correct_pixels` (pixel accuracy of the top-1, 0 when its size is wrong), and `coverage` (the
+target among the distinct candidates, ranked or not: what a better scoring could reach). A task
+with several test inputs scores the mean over its test inputs; overall numbers are means over
+tasks, plus `solved_top1` and `solved_pass_2`, the sums over tasks (solved-task counts, a task of
+two test inputs with one right counting 0.5, as Kaggle scores it). A test input without a valid
+prediction scores 0; tasks whose test outputs are unknown are predicted but not scored.
 
 `write_results(workdir, ...)` writes, each file atomically:
     results.json               {"name", "metadata", "overall", "tasks": {task_id: metrics}}
@@ -44,7 +46,7 @@ from arc_jax.data.tasks import MAX_SIDE, NUM_COLORS, Task
 FALLBACK_GRID = ((0,),)
 """Submitted when a test input has no valid prediction (Kaggle needs both attempts everywhere)."""
 
-SCORES = ("accuracy", "pass_2", "correct_size", "correct_pixels")
+SCORES = ("accuracy", "pass_2", "correct_size", "correct_pixels", "coverage")
 SCORINGS = ("vote", "poe", "count_logprob")
 
 
@@ -197,15 +199,17 @@ def rank(
     return sorted(scored, key=lambda v: -key(v))  # stable: ties keep vote's order
 
 
-def score(attempts: Sequence[np.ndarray], target: np.ndarray) -> dict[str, float]:
-    """Scores up to 2 attempts `[h, w]` (best first; may be empty) against the target `[h, w]`."""
-    top1 = attempts[0] if attempts else None
+def score(ranked: Sequence[np.ndarray], target: np.ndarray) -> dict[str, float]:
+    """Scores the ranked distinct grids `[h, w]` (best first; may be empty; the top 2 are the
+    attempts) against the target `[h, w]`."""
+    top1 = ranked[0] if ranked else None
     size = top1 is not None and top1.shape == target.shape
     return {
         "accuracy": float(size and np.array_equal(top1, target)),
-        "pass_2": float(any(np.array_equal(a, target) for a in attempts[:2])),
+        "pass_2": float(any(np.array_equal(a, target) for a in ranked[:2])),
         "correct_size": float(size),
         "correct_pixels": float(np.mean(top1 == target)) if size else 0.0,
+        "coverage": float(any(np.array_equal(a, target) for a in ranked)),
     }
 
 
@@ -290,6 +294,8 @@ def evaluate(
     overall: dict[str, Any] = {"val_loss": _overall_val_loss(val_loss or {}, val_tokens)}
     for k in SCORES:
         overall[k] = _mean([m[k] for m in per_task.values() if m[k] is not None])
+    for k, name in (("accuracy", "solved_top1"), ("pass_2", "solved_pass_2")):
+        overall[name] = float(sum(m[k] for m in per_task.values() if m[k] is not None))
     overall["n_tasks"] = len(per_task)
     overall["n_scored_tasks"] = sum(m["accuracy"] is not None for m in per_task.values())
     for k in ("n_test", "n_candidates", "n_invalid", "n_fallback"):

@@ -22,8 +22,8 @@ from arc_jax.report.runs import SOLVED, UNSOLVED, Run, TaskRun, load_run
 REPORT_FILE = "report.html"
 
 # Overall metrics shown, in this order (whatever results.json has of them).
-OVERALL_KEYS = ("val_loss", "accuracy", "pass_2", "correct_size", "correct_pixels", "n_tasks",
-                "n_scored_tasks", "n_test", "n_candidates", "n_invalid", "n_fallback")
+OVERALL_KEYS = ("val_loss", "accuracy", "pass_2", "correct_size", "correct_pixels", "coverage",
+                "n_tasks", "n_scored_tasks", "n_test", "n_candidates", "n_invalid", "n_fallback")
 # Config keys (dotted) shown in the run table.
 CONFIG_KEYS = ("mode", "data.eval", "model.path", "ttft.mode", "train.steps",
                "eval.n_augmentations")

@@ -79,7 +79,7 @@ SCRIPT = r"""
   const METRIC_NAMES = {
     val_loss: "val loss", accuracy: "accuracy (top-1)", pass_2: "pass@2",
     correct_size: "correct size", correct_pixels: "correct pixels",
-    solved_tasks: "tasks solved", n_tasks: "tasks", n_scored_tasks: "tasks scored",
+    coverage: "coverage (target among the candidates)", solved_tasks: "tasks solved", n_tasks: "tasks", n_scored_tasks: "tasks scored",
     n_test: "test inputs", n_candidates: "candidates", n_invalid: "candidates without a grid",
     n_fallback: "test inputs without an answer", ttft_seconds: "TTFT time",
   };
@@ -87,7 +87,7 @@ SCRIPT = r"""
   function formatValue(key, v) {
     if (v === null || v === undefined) return "–";
     if (typeof v !== "number") return String(v);
-    if (["accuracy", "pass_2", "correct_size", "correct_pixels"].includes(key))
+    if (["accuracy", "pass_2", "correct_size", "correct_pixels", "coverage"].includes(key))
       return (100 * v).toFixed(1) + "%";
     if (key === "val_loss") return v.toFixed(4);
     if (key.endsWith("seconds")) return v.toFixed(1) + " s";
@@ -119,7 +119,7 @@ SCRIPT = r"""
     const box = document.getElementById("summary");
     const wrap = el("div", "summary");
     const keys = ["val_loss", "accuracy", "pass_2", "correct_size", "correct_pixels",
-                  "solved_tasks", "n_tasks", "n_scored_tasks", "n_test", "n_candidates",
+                  "coverage", "solved_tasks", "n_tasks", "n_scored_tasks", "n_test", "n_candidates",
                   "n_invalid", "n_fallback", "ttft_seconds"];
     const table = el("table", "metrics");
     const head = table.insertRow();

@@ -257,6 +257,30 @@ def _pool_batch(key, data, *, vocab, cfg, seq_len, batch_size, max_pool, context
     return batch
 
 
+def _bucket_batches(setup: Setup, data: TrainingData, pools: Any, mesh) -> dict[int, tuple]:
+    """Per bucket: `(make_batch, inputs, max_loss_tokens)`, where `make_batch(key, inputs)`
+    draws that bucket's rows of episodes."""
+    config, cfg = setup.config, setup.config.train
+    context_pairs = tuple(int(x) for x in config.data.context_pairs)
+    out = {}
+    for bucket, m in data.bucket_members().items():
+        w = np.asarray([data.subpools[i].weight for i in m], np.float32)
+        inputs = (pools, jnp.asarray(m), jnp.asarray(w / w.sum()))
+        if setup.pipeline.loss_on == "all_outputs":
+            loss_tokens = bucket
+        else:
+            shapes = np.concatenate([
+                data.pools.shapes[data.pools.start[i]:data.pools.start[i] + data.pools.count[i],
+                                  1] for i in m])
+            loss_tokens = min(bucket, max_target_tokens(setup.vocab, setup.pipeline.fmt, shapes))
+        make = functools.partial(
+            _pool_batch, vocab=setup.vocab, cfg=setup.pipeline, seq_len=bucket,
+            batch_size=cfg.batch_size, max_pool=int(data.pools.count[m].max()),
+            context_pairs=context_pairs, mesh=mesh if mesh is not None and mesh.size > 1 else None)
+        out[bucket] = (make, inputs, loss_tokens)
+    return out
+
+
 def make_training(
     setup: Setup, data: TrainingData, *, init_key: jax.Array, data_key: jax.Array,
     dropout_key: jax.Array,
@@ -272,28 +296,14 @@ def make_training(
     replicated = NamedSharding(mesh, P())
     state = jax.device_put({"train": init_state(trainable, optimizer)}, replicated)
     pools = jax.device_put(data.pools, replicated)
-    members = data.bucket_members()
-    weights = data.bucket_weights()
-    context_pairs = tuple(int(x) for x in config.data.context_pairs)
     inputs, steps = {}, {}
-    for bucket, m in members.items():
-        w = np.asarray([data.subpools[i].weight for i in m], np.float32)
-        inputs[bucket] = (pools, jnp.asarray(m), jnp.asarray(w / w.sum()))
-        if setup.pipeline.loss_on == "all_outputs":
-            loss_tokens = bucket
-        else:
-            shapes = np.concatenate([
-                data.pools.shapes[data.pools.start[i]:data.pools.start[i] + data.pools.count[i],
-                                  1] for i in m])
-            loss_tokens = min(bucket, max_target_tokens(setup.vocab, setup.pipeline.fmt, shapes))
-        make = functools.partial(
-            _pool_batch, vocab=setup.vocab, cfg=setup.pipeline, seq_len=bucket,
-            batch_size=cfg.batch_size, max_pool=int(data.pools.count[m].max()),
-            context_pairs=context_pairs, mesh=mesh if mesh.size > 1 else None)
+    for bucket, (make, bucket_inputs, loss_tokens) in _bucket_batches(
+            setup, data, pools, mesh).items():
+        inputs[bucket] = bucket_inputs
         fns = StepFns(model=setup.model, lora_config=setup.lora, make_batch=make,
                       max_loss_tokens=loss_tokens, grad_accum=cfg.grad_accum)
         steps[bucket] = ttft.joint_step(fns, optimizer)
-    schedule = bucket_schedule(weights, cfg.steps, config.seed)
+    schedule = bucket_schedule(data.bucket_weights(), cfg.steps, config.seed)
     frozen = setup.params if setup.lora is not None else None
 
     def step_fn(state, s):
@@ -304,6 +314,32 @@ def make_training(
         return {**state, "train": train}, metrics
 
     return state, step_fn
+
+
+def tokens_seen(setup: Setup, data: TrainingData, data_key: jax.Array, steps: int) -> dict:
+    """Replays the batches of the first `steps` updates as `make_training` draws them (the same
+    data key and bucket schedule; grad_accum micro-batches each) and counts them, without
+    training: {"steps", "rows", "tokens" (real tokens), "loss_tokens" (supervised tokens),
+    "padded_tokens" (rows x bucket)}. The model card's "tokens seen"."""
+    config = setup.config
+    batches = _bucket_batches(setup, data, data.pools, None)
+    counters = {
+        bucket: jax.jit(lambda key, inputs, make=make: (
+            jnp.sum(make(key, inputs).length),
+            jnp.sum(make(key, inputs).loss_mask[:, 1:])))
+        for bucket, (make, _, _) in batches.items()}
+    schedule = bucket_schedule(data.bucket_weights(), config.train.steps, config.seed)
+    totals = {"steps": steps, "rows": 0, "tokens": 0, "loss_tokens": 0, "padded_tokens": 0}
+    for s in range(steps):
+        bucket = schedule[s]
+        step_key = jax.random.fold_in(data_key, s)
+        for i in range(config.train.grad_accum):
+            n, loss_n = counters[bucket](jax.random.fold_in(step_key, i), batches[bucket][1])
+            totals["tokens"] += int(n)
+            totals["loss_tokens"] += int(loss_n)
+            totals["rows"] += config.train.batch_size
+            totals["padded_tokens"] += config.train.batch_size * bucket
+    return totals
 
 
 class HeldoutCurve:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import struct
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -39,6 +41,31 @@ class Writer:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar in the event files of `logdir` (as `Writer` writes them): tag -> sorted
+    [(step, wall_time, value)]; a step written twice (a resumed run) keeps its last value.
+    A truncated last record (a run killed while writing) ends its file."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, tuple[float, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        at = 0
+        while at + 12 <= len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            if at + 16 + length > len(data):
+                break
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 16 + length
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, {})[event.step] = (
+                        event.wall_time, value.simple_value)
+    return {tag: [(step, *by_step[step]) for step in sorted(by_step)]
+            for tag, by_step in scalars.items()}
 
 
 def render_grid(grid: np.ndarray, cell: int = 8) -> np.ndarray:

@@ -1,0 +1,127 @@
+"""Runs the Iteration 4 rows (see README.md here: the protocol) in resumable chunks, keeps each
+finished row's results.json + config.json under `runs/<row>/`, and prints the table.
+
+    python -m experiments.iteration_04.run --minutes 120          # every row not yet kept
+    python -m experiments.iteration_04.run --rows baseline,n_minus_1 --minutes 60
+    python -m experiments.iteration_04.run --table                # the table only
+
+Each row is one `python -m arc_jax.main` run with its workdir under `--runs` (outside the repo).
+A row that is paused by the minute budget (`train.stop_after_minutes`) or killed resumes from its
+checkpoints at the next call; its times add up over the chunks (`<workdir>/job_seconds.json`).
+Re-evaluation rows (DFS, scoring) evaluate the per-task adapters of another row's workdir, so they
+run after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+KEPT = os.path.join(HERE, "runs")
+EVAL_SUBSET = ("--config.data.subset=every:4",)  # the 100 evaluation tasks of the protocol
+HELDOUT = ("--config.data.eval=kaggle2024/training", "--config.data.subset=every:8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    config: str  # configs/<config>.py
+    flags: tuple[str, ...] = EVAL_SUBSET
+    adapters_from: str = ""  # a row whose per-task adapters this row re-evaluates
+
+    def command(self, runs: str, model: str, minutes: float) -> list[str]:
+        cmd = [sys.executable, "-m", "arc_jax.main", f"--config=configs/{self.config}.py",
+               f"--workdir={os.path.join(runs, self.name)}", f"--config.name={self.name}",
+               *self.flags]
+        if model:
+            cmd.append(f"--config.model.path={model}")
+        if self.adapters_from:
+            cmd += ["--config.mode=evaluate",
+                    f"--config.eval.adapters_from={os.path.join(runs, self.adapters_from)}"]
+        elif minutes > 0:
+            cmd.append(f"--config.train.stop_after_minutes={minutes:.1f}")
+        return cmd
+
+
+DFS = ("--config.eval.strategy=dfs",)
+ROWS = (
+    Row("baseline", "baseline"),
+    Row("n_minus_1", "n_minus_1"),
+    Row("geometric", "geometric"),
+    Row("color_swap", "color_swap"),
+    Row("preserve_color", "preserve_color"),
+    Row("n_minus_2", "n_minus_2"),
+    Row("color_swap_joint", "color_swap", EVAL_SUBSET + ("--config.ttft.mode=joint",)),
+    Row("n_minus_1_dfs_poe", "n_minus_1", EVAL_SUBSET + DFS + ("--config.eval.scoring=poe",),
+        adapters_from="n_minus_1"),
+    Row("n_minus_1_dfs_count_logprob", "n_minus_1",
+        EVAL_SUBSET + DFS + ("--config.eval.scoring=count_logprob",), adapters_from="n_minus_1"),
+    Row("heldout_baseline", "baseline", HELDOUT),
+    Row("heldout_n_minus_1", "n_minus_1", HELDOUT),
+    Row("all_400_n_minus_1", "n_minus_1", ()),  # the README's main command
+)
+
+
+def keep(row: Row, runs: str) -> bool:
+    """Copies a finished row's results.json and config.json into runs/<row>/; False if none."""
+    workdir = os.path.join(runs, row.name)
+    if not os.path.exists(os.path.join(workdir, "results.json")):
+        return False
+    os.makedirs(os.path.join(KEPT, row.name), exist_ok=True)
+    for name in ("results.json", "config.json"):
+        shutil.copy2(os.path.join(workdir, name), os.path.join(KEPT, row.name, name))
+    return True
+
+
+def table() -> str:
+    from arc_jax.results_table import results_table
+
+    kept = [os.path.join(KEPT, r.name) for r in ROWS if os.path.isdir(os.path.join(KEPT, r.name))]
+    return results_table(kept, markdown=True) if kept else "(no row kept yet)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="", help="comma-separated row names; default: all")
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="stop starting or training rows after this long; 0 = no limit")
+    parser.add_argument("--runs", default=os.path.expanduser("~/arc_runs/iter4"))
+    parser.add_argument("--model", default="", help="model.path; default: the configs' own")
+    parser.add_argument("--table", action="store_true", help="print the table and exit")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table())
+        return
+    names = [n for n in args.rows.split(",") if n] or [r.name for r in ROWS]
+    unknown = sorted(set(names) - {r.name for r in ROWS})
+    if unknown:
+        sys.exit(f"unknown rows {unknown}; rows: {', '.join(r.name for r in ROWS)}")
+    start = time.monotonic()
+    for row in (r for r in ROWS if r.name in names):
+        if os.path.exists(os.path.join(KEPT, row.name, "results.json")):
+            continue
+        left = args.minutes - (time.monotonic() - start) / 60 if args.minutes else 0.0
+        if args.minutes and left < 2:
+            print(f"minute budget spent; rerun to continue from {row.name}")
+            break
+        cmd = row.command(args.runs, args.model, left)
+        print(" ".join(cmd), flush=True)
+        done = subprocess.run(cmd, cwd=ROOT)
+        if done.returncode != 0:
+            sys.exit(f"{row.name} failed (exit {done.returncode}); its workdir: "
+                     f"{os.path.join(args.runs, row.name)}")
+        if not keep(row, args.runs):
+            print(f"{row.name} paused; rerun to resume it")
+            break
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
