@@ -167,7 +167,7 @@ lists every exclusion; `tests/test_pools.py` checks the rule).
     ("optimizer", f"AdamW, lr {c['train']['learning_rate']}, {c['train']['schedule']} schedule, {c['train']['warmup_steps']} warmup steps, weight decay {c['train']['weight_decay']}, grad-norm clip {c['train']['max_grad_norm']}"),
     ("precision", f"float32 weights, {c['model']['matmul_dtype']} matmul operands (float32 accumulation)"),
     ("final training loss", f"{t['final_loss']:.4f} (mean of the last {t['final_loss_window']} logged steps)"),
-    ("held-out val loss", f"{heldout['curve'][-1]['val_loss']:.4f} at step {heldout['curve'][-1]['step']} ({len(heldout['tasks'])} held-out tasks, {len(heldout['left_out_too_long'])} longer than {max(c['data']['buckets'])} tokens left out)" if heldout["curve"] else "none"),
+    ("held-out val loss", f"{heldout['curve'][-1]['val_loss']:.4f} at step {heldout['curve'][-1]['step']} ({len(heldout['tasks'])} held-out tasks, {len(heldout['left_out_too_long'])} longer than {max(b for b in c['data']['buckets'] if b <= c['data']['max_seq_len'])} tokens left out)" if heldout["curve"] else "none"),
     ("hardware", f"{summary['hardware']['cpu']}, {summary['hardware']['cores']} cores, {summary['hardware']['memory_gib']:.0f} GiB, no accelerator"),
     ("wall time", f"{t['wall_minutes']:.0f} min from the first to the last logged step (held-out passes and per-bucket compilation included; data loading of about a minute before)"),
 ])}
