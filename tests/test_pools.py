@@ -423,20 +423,27 @@ def test_episodes_are_drawn_from_sources_in_proportion_to_their_weights(tmp_path
     assert abs(from_b - 0.75) < 0.08  # 300 rows: 3.2 standard deviations
 
 
-def test_tiny_finetune_run_on_a_pool_source(tmp_path):
+def _tiny_pool_config(tmp_path):
+    """Base-model training shrunk to a tiny scratch model, 3 training tasks from
+    kaggle2024/training and a small RE-ARC pool source, 2 rows per step."""
     config = importlib.import_module("configs.train_base_model").get_config()
     config.data.train = (("kaggle2024/training", 1.0), (_re_arc_dir(tmp_path), 2.0))
-    config.data.task_ids = ("66e6c45b", "be03b35f")  # two small evaluation tasks
     config.data.max_tasks = 3
+    config.train.batch_size = 2
+    config.model.scratch.update(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=1, intermediate_size=64))
+    return config
+
+
+def test_tiny_finetune_run_on_a_pool_source(tmp_path):
+    config = _tiny_pool_config(tmp_path)
+    config.data.task_ids = ("66e6c45b", "be03b35f")  # two small evaluation tasks
     config.data.buckets = (512,)
     config.train.steps = 2
-    config.train.batch_size = 2
     config.train.warmup_steps = 1
     config.train.checkpoint_every = 1
     config.eval.n_augmentations = 1
     config.eval.max_new_tokens = 8
-    config.model.scratch.update(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     num_key_value_heads=1, intermediate_size=64))
     workdir = tmp_path / "run"
     overall = run.train_and_evaluate(config, str(workdir))
     assert overall is not None and overall["n_tasks"] == 2
@@ -457,16 +464,11 @@ def test_tiny_finetune_run_on_a_pool_source(tmp_path):
 def test_tokens_seen_replays_the_training_batches(tmp_path):
     """`finetune.tokens_seen` (the model card's count) equals the tokens the training steps
     report, over two buckets and two micro-batches per step."""
-    config = importlib.import_module("configs.train_base_model").get_config()
-    config.data.train = (("kaggle2024/training", 1.0), (_re_arc_dir(tmp_path), 2.0))
-    config.data.max_tasks = 3
+    config = _tiny_pool_config(tmp_path)
     config.data.buckets = (512, 1024)
     config.data.max_seq_len = 1024
     config.train.steps = 4
-    config.train.batch_size = 2
     config.train.grad_accum = 2
-    config.model.scratch.update(dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     num_key_value_heads=1, intermediate_size=32))
     setup = run.load_setup(config, str(tmp_path / "run"))
     data = finetune.load_training_data(config, setup.vocab, setup.pipeline.fmt)
     data_key = setup.stream(run.DATA)

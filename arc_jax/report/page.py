@@ -79,7 +79,8 @@ SCRIPT = r"""
   const METRIC_NAMES = {
     val_loss: "val loss", accuracy: "accuracy (top-1)", pass_2: "pass@2",
     correct_size: "correct size", correct_pixels: "correct pixels",
-    coverage: "coverage (target among the candidates)", solved_tasks: "tasks solved", n_tasks: "tasks", n_scored_tasks: "tasks scored",
+    coverage: "coverage (target among the candidates)", solved_tasks: "tasks solved",
+    n_tasks: "tasks", n_scored_tasks: "tasks scored",
     n_test: "test inputs", n_candidates: "candidates", n_invalid: "candidates without a grid",
     n_fallback: "test inputs without an answer", ttft_seconds: "TTFT time",
   };
@@ -119,8 +120,8 @@ SCRIPT = r"""
     const box = document.getElementById("summary");
     const wrap = el("div", "summary");
     const keys = ["val_loss", "accuracy", "pass_2", "correct_size", "correct_pixels",
-                  "coverage", "solved_tasks", "n_tasks", "n_scored_tasks", "n_test", "n_candidates",
-                  "n_invalid", "n_fallback", "ttft_seconds"];
+                  "coverage", "solved_tasks", "n_tasks", "n_scored_tasks", "n_test",
+                  "n_candidates", "n_invalid", "n_fallback", "ttft_seconds"];
     const table = el("table", "metrics");
     const head = table.insertRow();
     head.append(el("th", null, "metric"));

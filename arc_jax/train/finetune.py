@@ -281,6 +281,11 @@ def _bucket_batches(setup: Setup, data: TrainingData, pools: Any, mesh) -> dict[
     return out
 
 
+def _schedule(setup: Setup, data: TrainingData) -> list[int]:
+    """The bucket of every step of the run (`bucket_schedule` of the data's bucket weights)."""
+    return bucket_schedule(data.bucket_weights(), setup.config.train.steps, setup.config.seed)
+
+
 def make_training(
     setup: Setup, data: TrainingData, *, init_key: jax.Array, data_key: jax.Array,
     dropout_key: jax.Array,
@@ -303,7 +308,7 @@ def make_training(
         fns = StepFns(model=setup.model, lora_config=setup.lora, make_batch=make,
                       max_loss_tokens=loss_tokens, grad_accum=cfg.grad_accum)
         steps[bucket] = ttft.joint_step(fns, optimizer)
-    schedule = bucket_schedule(data.bucket_weights(), cfg.steps, config.seed)
+    schedule = _schedule(setup, data)
     frozen = setup.params if setup.lora is not None else None
 
     def step_fn(state, s):
@@ -323,12 +328,13 @@ def tokens_seen(setup: Setup, data: TrainingData, data_key: jax.Array, steps: in
     "padded_tokens" (rows x bucket)}. The model card's "tokens seen"."""
     config = setup.config
     batches = _bucket_batches(setup, data, data.pools, None)
-    counters = {
-        bucket: jax.jit(lambda key, inputs, make=make: (
-            jnp.sum(make(key, inputs).length),
-            jnp.sum(make(key, inputs).loss_mask[:, 1:])))
-        for bucket, (make, _, _) in batches.items()}
-    schedule = bucket_schedule(data.bucket_weights(), config.train.steps, config.seed)
+    def count(key, inputs, make):
+        batch = make(key, inputs)
+        return jnp.sum(batch.length), jnp.sum(batch.loss_mask[:, 1:])
+
+    counters = {bucket: jax.jit(functools.partial(count, make=make))
+                for bucket, (make, _, _) in batches.items()}
+    schedule = _schedule(setup, data)
     totals = {"steps": steps, "rows": 0, "tokens": 0, "loss_tokens": 0, "padded_tokens": 0}
     for s in range(steps):
         bucket = schedule[s]

@@ -48,7 +48,7 @@ def _memory_gib() -> float:
 def replay(workdir: str, steps: int | None) -> tuple[dict, int, str | None]:
     """Rebuilds the run's training data and counts the tokens of its first `steps` batches
     (None: up to its latest checkpoint, whose weights are then exported to
-    `<workdir>/model_step<N>`). Returns (counts, steps, exported model dir or None)."""
+    `<workdir>/checkpoint_<N>/model`). Returns (counts, steps, exported model dir or None)."""
     from arc_jax import run
     from arc_jax.train import checkpoint, finetune
 
@@ -70,11 +70,9 @@ def replay(workdir: str, steps: int | None) -> tuple[dict, int, str | None]:
         mngr = checkpoint.manager(os.path.join(workdir, "checkpoints", "finetune"),
                                   config.train.keep_checkpoints, config.train.checkpoint_every)
         steps, state = checkpoint.restore_latest(mngr, state)
-        exported = os.path.join(workdir, f"model_step{steps}")
-        run.export_model(setup, jax.device_get(state["train"].trainable), exported)
-        os.replace(os.path.join(exported, "model"), exported + ".tmp")
-        shutil.rmtree(exported)
-        os.replace(exported + ".tmp", exported)
+        root = os.path.join(workdir, f"checkpoint_{steps}")
+        run.export_model(setup, jax.device_get(state["train"].trainable), root)
+        exported = os.path.join(root, "model")
     counts = finetune.tokens_seen(setup, data, setup.stream(run.DATA), steps)
     setup.writer.close()
     shutil.rmtree(scratch_dir, ignore_errors=True)
@@ -121,7 +119,9 @@ def write_card(out: str, summary: dict) -> None:
                       for p in heldout["curve"])
     text = f"""# {summary['name']}: a small Phi-3 trained from scratch on ARC
 
-arc_jax's default `model.path`. A Phi-3-architecture causal LM with the shipped ARC tokenizer
+The project's own model (arc_jax's default `model.path` once the main command's budget with it
+is measured; until then `--config.model.path=arc_jax/assets/{summary['name']}`).
+A Phi-3-architecture causal LM with the shipped ARC tokenizer
 ({m['vocab_size']} token ids: the 10 colours, digits for sizes and row numbers, grid markers),
 trained from random weights on the ARC training tasks and RE-ARC pairs for them, with arc_jax's
 own training loop. It is a transformers directory: it loads in arc_jax
