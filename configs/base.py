@@ -11,7 +11,7 @@ accelerator (`full_scale`: bfloat16, sequences up to 4096 tokens), named after a
 
 import ml_collections
 
-DEFAULT_MODEL = "arc_jax/assets/tiny_phi3"
+DEFAULT_MODEL = "arc_jax/assets/arc_phi3_small"  # the project's trained model (its README.md)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -139,6 +139,9 @@ def _defaults() -> ml_collections.ConfigDict:
     c.eval.temperature = 0.0  # 0 = greedy
     c.eval.top_k = 0
     c.eval.max_new_tokens = 0  # 0 = enough for a 30x30 grid in the format
+    # vote decoding: any = every view may decode max_new_tokens; task = a view stops after the
+    # answer tokens its task allows (the inference.answer_token_cap rule, from the train pairs)
+    c.eval.answer_cap = "task"
     c.eval.strategy = "vote"  # vote: one decoded answer per view | dfs: all above dfs_min_prob
     c.eval.dfs_min_prob = 0.1  # dfs: keep every completion with probability >= this, per view
     c.eval.dfs_max_candidates = 8  # dfs: at most this many completions per view

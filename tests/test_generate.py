@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from arc_jax.data.formats import answer_text, get_grid_format
+from arc_jax.data.tasks import Pair, Task
 from arc_jax.data.tokenizer import load_tokenizer, token_vocab
+from arc_jax.infer.inference import answer_token_cap
 from arc_jax.infer.generate import generate, generate_per_task, max_answer_tokens, prompts_that_fit
 from arc_jax.model.convert import load_pretrained
 from arc_jax.model.lora import LoraConfig, init_lora_stack, unstack_lora
@@ -180,6 +182,61 @@ def test_per_task_adapters_equal_separate_runs(pair):
     zero = jax.tree.map(jnp.zeros_like, unstack_lora(stack, 0))
     base = generate(model, params, prompts[0], lengths[0], lora=zero, **kw)
     assert (np.asarray(base.logprobs) != np.asarray(out.logprobs[0])).any()
+
+
+def test_group_caps_cut_each_group_of_an_uncapped_decode(pair):
+    """Group g's rows stop after `max_new_per_group[g]` tokens: a prefix of the uncapped decode,
+    not finished unless eos came first; an eos before the cap still stops the row."""
+    _, model, params = pair("plain")
+    lengths = np.array([[9, 4], [6, 8], [5, 7]])
+    prompts = np.stack([_prompts(s, lengths[s], 11) for s in range(3)])
+    kw = dict(max_new_tokens=7, pad_token_id=PAD, lora_config=None)
+    free = generate_per_task(model, params, None, prompts, lengths, eos_token_id=None, **kw)
+    eos = int(free.tokens[2, 0, 1])  # group 2, row 0 stops at step 1 or earlier
+    full = generate_per_task(model, params, None, prompts, lengths, eos_token_id=eos, **kw)
+    caps = np.array([3, 7, 5])
+    cut = generate_per_task(model, params, None, prompts, lengths, eos_token_id=eos,
+                            max_new_per_group=caps, **kw)
+    for g in range(3):
+        for row in range(2):
+            k = min(int(full.lengths[g, row]), caps[g])
+            assert cut.lengths[g, row] == k
+            assert cut.finished[g, row] == (bool(full.finished[g, row])
+                                            and full.lengths[g, row] <= caps[g])
+            np.testing.assert_array_equal(cut.tokens[g, row, :k], full.tokens[g, row, :k])
+            np.testing.assert_allclose(cut.logprobs[g, row, :k], full.logprobs[g, row, :k],
+                                       atol=1e-5)
+            assert (cut.tokens[g, row, k:] == PAD).all() and (cut.logprobs[g, row, k:] == 0).all()
+    assert cut.finished[2, 0] and not cut.finished[0].any()
+
+
+def test_answer_token_cap_covers_same_fixed_and_scaled_outputs():
+    """The cap is the answer length of the grid the rule allows (checked by encoding it), in
+    the longer orientation: outputs of the input's size, of a fixed size, or 3x the input."""
+    tokenizer = load_tokenizer()
+    vocab = token_vocab(tokenizer)
+    fmt = get_grid_format("shape_numbered")
+
+    def answer_len(h, w):
+        ids = tokenizer(answer_text(np.zeros((h, w), np.uint8), fmt), add_special_tokens=False)
+        return len(ids["input_ids"])
+
+    def task(pairs, test_shape):
+        grid = lambda shape: np.zeros(shape, np.uint8)
+        return Task("t", tuple(Pair(grid(i), grid(o)) for i, o in pairs),
+                    (Pair(grid(test_shape), None),), "memory")
+
+    same = task([((3, 4), (3, 4)), ((5, 2), (5, 2))], (7, 6))
+    assert answer_token_cap(vocab, fmt, same, 0) == max(answer_len(7, 6), answer_len(6, 7))
+    fixed = task([((9, 9), (2, 3)), ((4, 12), (2, 3))], (20, 20))
+    # 2 x 3 fits; the ratio rule allows more: 20 * max(2/9, 2/4) = 10 rows, 20 * 3/9 -> 7 columns
+    assert answer_token_cap(vocab, fmt, fixed, 0) == max(answer_len(10, 7), answer_len(7, 10))
+    small = task([((9, 9), (2, 3)), ((12, 12), (2, 3))], (6, 6))  # the tallest output sets it
+    assert answer_token_cap(vocab, fmt, small, 0) == max(answer_len(2, 3), answer_len(3, 2))
+    scaled = task([((2, 2), (6, 6)), ((3, 1), (9, 3))], (4, 3))
+    assert answer_token_cap(vocab, fmt, scaled, 0) == max(answer_len(12, 9), answer_len(9, 12))
+    huge = task([((3, 3), (9, 9))], (20, 25))  # 60 x 75 clipped to 30 x 30
+    assert answer_token_cap(vocab, fmt, huge, 0) == max_answer_tokens(vocab, fmt)
 
 
 def test_prompts_that_fit(pair, caplog):

@@ -5,7 +5,8 @@
 
 Prompts are right-padded `[B, T]` (as `pipeline.eval_batch(..., with_answer=False)` writes them,
 `lengths = prompt_length`). The prompt is run once (prefill), then one token per step through a
-`lax.while_loop` that stops when every row has produced `eos_token_id` or `N` tokens. The KV
+`lax.while_loop` that stops when every row has produced `eos_token_id` or its tokens (`N`, or its
+group's cap `max_new_per_group[g] <= N`: `answer_token_cap`). The KV
 cache has a slot per position; a row's generated tokens overwrite its padding slots before any
 query can see them, so rows of different lengths share one cache without masks.
 
@@ -49,7 +50,8 @@ class Generated(NamedTuple):
                                 (log_softmax of the raw logits: no temperature, no top-k), so
                                 greedy and sampled candidates are scored alike; 0 after eos
     lengths: [B] int32          tokens generated, eos included
-    finished: [B] bool          the row produced eos (else it ran out of `max_new_tokens`)
+    finished: [B] bool          the row produced eos (else it ran out of `max_new_tokens` or of
+                                its group's cap)
     """
 
     tokens: Array
@@ -86,7 +88,7 @@ def generate_per_task(
     max_new_tokens: int, eos_token_id: int | Sequence[int] | None, pad_token_id: int,
     key: Array | None = None, temperature: float = 0.0, top_k: int = 0,
     lora_config: LoraConfig | None = None, group_keys: Array | None = None,
-    mesh: Mesh | None = None,
+    mesh: Mesh | None = None, max_new_per_group: Array | None = None,
 ) -> Generated:
     """`generate` for G tasks at once: adapter `lora_stack[g]` (leading axis `[G]`) decodes
     `prompts [G, B, T]` with `lengths [G, B]` (e.g. B augmentations of task g's test input).
@@ -95,13 +97,15 @@ def generate_per_task(
     own rows, or `key=group_keys[g]` when `group_keys [G]` is given (keys that follow the group,
     not the batch it is decoded in). Fields of the result are `[G, B, ...]`. `lora_stack=None`
     runs the base for all. With a `mesh` of several devices the groups are sharded over it
-    (G a multiple of its size).
+    (G a multiple of its size). `max_new_per_group [G]`: group g's rows stop after this many
+    tokens (at most `max_new_tokens`, which sets the program's shapes); the loop ends when every
+    row is done, so a batch costs the steps of its largest cap, not of `max_new_tokens`.
     """
     prompts, lengths = jnp.asarray(prompts), jnp.asarray(lengths)
     keys = group_keys if group_keys is not None else (
         None if key is None else jax.random.split(key, prompts.shape[0]))
     options = _options(keys, prompts.shape[0], max_new_tokens, eos_token_id, pad_token_id,
-                       temperature, top_k)
+                       temperature, top_k, max_new_per_group)
     lora_axis = None if lora_stack is None else 0
     if mesh is not None and mesh.size > 1:
         return _decode_sharded(model, params, lora_stack, lora_config, prompts, lengths,
@@ -112,28 +116,30 @@ def generate_per_task(
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "pad", "lora_axis",
                                              "mesh"))
-def _decode_sharded(model, params, lora, lora_config, prompts, lengths, *, keys, max_new_tokens,
-                    eos, pad, temperature, top_k, lora_axis, mesh) -> Generated:
+def _decode_sharded(model, params, lora, lora_config, prompts, lengths, *, keys, caps,
+                    max_new_tokens, eos, pad, temperature, top_k, lora_axis, mesh) -> Generated:
     """`_decode` with the group axis sharded over `mesh` (its one axis): each device decodes its
     own groups, with no collectives; G must be a multiple of the mesh size."""
     axis = mesh.axis_names[0]
 
-    def local(params, lora, prompts, lengths, keys, eos, temperature, top_k):
-        return _decode(model, params, lora, lora_config, prompts, lengths, keys=keys,
+    def local(params, lora, prompts, lengths, keys, caps, eos, temperature, top_k):
+        return _decode(model, params, lora, lora_config, prompts, lengths, keys=keys, caps=caps,
                        max_new_tokens=max_new_tokens, eos=eos, pad=pad,
                        temperature=temperature, top_k=top_k, lora_axis=lora_axis)
 
     group = P(axis)
     return jax.shard_map(
         local, mesh=mesh,
-        in_specs=(P(), None if lora is None else group, group, group, group, P(), P(), P()),
+        in_specs=(P(), None if lora is None else group, group, group, group, group, P(), P(),
+                  P()),
         out_specs=group, check_vma=False,
-    )(params, lora, prompts, lengths, keys, eos, temperature, top_k)
+    )(params, lora, prompts, lengths, keys, caps, eos, temperature, top_k)
 
 
 def _options(keys, groups, max_new_tokens, eos_token_id, pad_token_id, temperature,
-             top_k) -> dict:
-    """Validated decoding options: static ints, traced sampling settings and eos ids `[E]`."""
+             top_k, max_new_per_group=None) -> dict:
+    """Validated decoding options: static ints, traced sampling settings, eos ids `[E]` and
+    per-group token caps `[G]` (default: `max_new_tokens` for all)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or top_k < 0:
@@ -143,15 +149,22 @@ def _options(keys, groups, max_new_tokens, eos_token_id, pad_token_id, temperatu
     if keys is None:  # unused by greedy decoding, but the program takes keys either way
         keys = jax.random.split(jax.random.key(0), groups)
     eos = [-1] if eos_token_id is None else np.ravel(eos_token_id).tolist()  # -1: never
-    return dict(keys=keys, max_new_tokens=int(max_new_tokens), eos=jnp.asarray(eos, jnp.int32),
+    if max_new_per_group is None:
+        caps = jnp.full((groups,), max_new_tokens, jnp.int32)
+    else:
+        caps = jnp.clip(jnp.asarray(max_new_per_group, jnp.int32).reshape(groups), 1,
+                        max_new_tokens)
+    return dict(keys=keys, caps=caps, max_new_tokens=int(max_new_tokens),
+                eos=jnp.asarray(eos, jnp.int32),
                 pad=int(pad_token_id), temperature=jnp.float32(temperature),
                 top_k=jnp.int32(top_k))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "pad", "lora_axis"))
-def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, max_new_tokens, eos,
-            pad, temperature, top_k, lora_axis) -> Generated:
-    """The loop over `prompts [G, B, T]`, `lengths [G, B]`, `keys [G]`, eos ids `eos [E]`."""
+def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, caps, max_new_tokens,
+            eos, pad, temperature, top_k, lora_axis) -> Generated:
+    """The loop over `prompts [G, B, T]`, `lengths [G, B]`, `keys [G]`, token caps `caps [G]`,
+    eos ids `eos [E]`."""
     cfg = model.config
     prompts, lengths = prompts.astype(jnp.int32), lengths.astype(jnp.int32)
     g, b, t = prompts.shape
@@ -203,7 +216,8 @@ def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, max_new
     prefill_pos = jnp.where(index < lengths[..., None], index, -1)
     h, cache = hidden(prompts, prefill_pos, empty_cache(), fresh=True)
     tok, logp = choose(logits(at(h, lengths - 1)), 0, jnp.zeros((g, b), bool))
-    done = is_eos(tok)
+    cap = caps[:, None]  # [G, 1]
+    done = is_eos(tok) | (cap <= 1)
     rows = (jnp.arange(g)[:, None], jnp.arange(b)[None, :])
     seq = jnp.full((g, b, max_len), pad, jnp.int32).at[:, :, :t].set(prompts)
     seq = seq.at[(*rows, lengths)].set(tok)
@@ -237,13 +251,15 @@ def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, max_new
         seq = seq.at[(*rows, pos + 1)].set(tok)
         tokens = tokens.at[:, :, i].set(tok)
         logprobs = logprobs.at[:, :, i].set(logp)
-        return i + 1, cache, seq, tokens, logprobs, tok, done | is_eos(tok)
+        return i + 1, cache, seq, tokens, logprobs, tok, done | is_eos(tok) | (i + 1 >= cap)
 
     carry = (jnp.int32(1), cache, seq, tokens, logprobs, tok, done)
-    *_, tokens, logprobs, _, done = jax.lax.while_loop(cond, body, carry)
+    *_, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, carry)
     stop = is_eos(tokens)
-    n_gen = jnp.where(done, jnp.argmax(stop, axis=-1) + 1, n).astype(jnp.int32)
-    return Generated(tokens, logprobs, n_gen, done)
+    finished = jnp.any(stop, axis=-1)
+    n_gen = jnp.where(finished, jnp.argmax(stop, axis=-1) + 1,
+                      jnp.minimum(cap, n)).astype(jnp.int32)
+    return Generated(tokens, logprobs, n_gen, finished)
 
 
 # --- host helpers --------------------------------------------------------------------------------

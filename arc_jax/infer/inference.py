@@ -31,15 +31,16 @@ from jax.sharding import PartitionSpec as P
 from arc_jax.atomic import write_json_atomic
 from arc_jax.data import augment
 from arc_jax.data.arrays import TaskArrays
-from arc_jax.data.formats import GridFormat
+from arc_jax.data.formats import MAX_SIDE, GridFormat
 from arc_jax.data.pipeline import (
     PipelineConfig,
     assign_buckets,
     episode_length,
     eval_batch,
+    grid_length,
 )
 from arc_jax.data.tasks import Task
-from arc_jax.data.tokenizer import TokenVocab
+from arc_jax.data.tokenizer import PIECES, TokenVocab
 from arc_jax.infer.dfs import _dfs, _dfs_sharded, dfs_per_task, search_options
 from arc_jax.infer.evaluate import SCORINGS, Candidate, grid_key, parse_candidate
 from arc_jax.infer.generate import (
@@ -57,6 +58,7 @@ from arc_jax.train.step import masked_nll
 from arc_jax.train.ttft import gather
 
 STRATEGIES = ("vote", "dfs")
+ANSWER_CAPS = ("any", "task")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +82,15 @@ class EvalSettings:
     dfs_max_steps: int = 0
     scoring: str = "vote"
     score_views: int = 8
+    answer_cap: str = "any"  # any: every view may decode `max_new_tokens`; task: answer_token_cap
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.answer_cap not in ANSWER_CAPS:
+            raise ValueError(f"answer_cap must be one of {ANSWER_CAPS}, got {self.answer_cap!r}")
 
     def cache_settings(self, what: str) -> dict[str, Any]:
         """The settings a cached `what` ("decode" or "poe") result depends on: a vote decode
@@ -95,6 +100,8 @@ class EvalSettings:
                  if self.strategy == "dfs" else ["temperature", "top_k"])
         if what == "poe":
             keys += ["scoring", "score_views"]
+        if self.answer_cap != "any":  # so caches made before the cap existed stay valid
+            keys.append("answer_cap")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -196,6 +203,24 @@ def test_length(vocab: TokenVocab, fmt: GridFormat, task: Task, q: int, answer: 
         longest = max(longest, episode_length(vocab, fmt, context, orient(test.input.shape),
                                               out))
     return longest
+
+
+def answer_token_cap(vocab: TokenVocab, fmt: GridFormat, task: Task, q: int) -> int:
+    """New tokens a view of `task`'s test input `q` may decode under `answer_cap = "task"`: the
+    answer suffix plus the longer orientation (a view may transpose) of an H x W grid. H is the
+    larger of the tallest train output and the test input's height times the largest train
+    output / input height ratio, at most 30; W likewise. Answers of the inputs' size, of a fixed
+    size or of a fixed scale of the input fit; a test output larger than all of these is cut.
+    """
+    test = task.test[q].input
+    sides = []
+    for axis in (0, 1):
+        tallest = max(p.output.shape[axis] for p in task.train)
+        ratio = max(p.output.shape[axis] / p.input.shape[axis] for p in task.train)
+        sides.append(min(MAX_SIDE, max(tallest, int(np.ceil(test.shape[axis] * ratio - 1e-9)))))
+    h, w = sides
+    suffix = int(vocab.piece_lens[PIECES.index("answer_suffix")])
+    return max(grid_length(vocab, fmt, (h, w)), grid_length(vocab, fmt, (w, h))) + suffix
 
 
 def _fit_groups(compile_for, budget_bytes: float, most: int, shared_bytes: int,
@@ -342,11 +367,15 @@ def evaluate_tasks(
     dfs_options = dict(min_prob=settings.dfs_min_prob, max_candidates=settings.dfs_max_candidates,
                        max_new_tokens=max_new, eos_token_id=int(vocab.end),
                        pad_token_id=int(vocab.pad), max_steps=settings.dfs_max_steps)
+    caps = ({} if settings.answer_cap == "any" or dfs else
+            {(i, q): answer_token_cap(vocab, fmt, tasks[i], q) for i, q in pairs})
     for seq_len, members in assign_buckets(ids, prompt_lens, pipeline).items():
         groups = [pairs[m] for m in members if (tasks[pairs[m][0]].task_id, pairs[m][1])
                   not in out.candidates]
         if not groups:
             continue
+        if caps:  # a call runs to its largest cap: batch groups of like caps together
+            groups.sort(key=lambda group: caps[group])
 
         def compile_decode(m, seq_len=seq_len, groups=groups):
             g = m * n_dev
@@ -399,7 +428,8 @@ def evaluate_tasks(
                     max_new_tokens=max_new, eos_token_id=int(vocab.end),
                     pad_token_id=int(vocab.pad), temperature=settings.temperature,
                     top_k=settings.top_k, lora_config=lora_config, mesh=mesh,
-                    group_keys=jnp.stack([group_key(SAMPLING, i, q) for i, q in chunk])))
+                    group_keys=jnp.stack([group_key(SAMPLING, i, q) for i, q in chunk]),
+                    max_new_per_group=jnp.asarray([caps[g] for g in chunk]) if caps else None))
                 per_view = lambda g, v, gen=gen: [(
                     gen.tokens[g, v], int(gen.lengths[g, v]),
                     float(np.mean(gen.logprobs[g, v, : gen.lengths[g, v]]))
