@@ -60,7 +60,8 @@ Commands (from the repository root; `nice` on the shared 2-core machine):
     # all 400 evaluation tasks (hours on 2 cores)
     python -m experiments.benchmarks.main_job --tasks 400 --name main_job_400
 
-`--shape tiny` runs the config's own model (arc_jax/assets/tiny_phi3) instead of `v64`.
+`--shape config` runs the config's own model (the default `model.path`: the shipped
+arc_jax/assets/arc_phi3_small) instead of `v64`; `tiny` is an older name for it.
 """
 
 from __future__ import annotations
@@ -564,7 +565,7 @@ def main(argv=None) -> None:
                    help="take the --tasks counts from this bucket's tasks only (data.task_ids)")
     p.add_argument("--buckets", default="", help="comma-separated buckets: one run each")
     p.add_argument("--per-bucket", type=int, default=2, help="tasks per bucket run")
-    p.add_argument("--shape", default="v64", help=f"{sorted(SHAPES)} or tiny (config's model)")
+    p.add_argument("--shape", default="v64", help=f"{sorted(SHAPES)} or config (the config's model.path; also: tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. train.steps=4 (repeatable)")
     p.add_argument("--workdir", default="", help="runs and the model (default: a temp dir)")
@@ -588,7 +589,7 @@ def main(argv=None) -> None:
     base = args.workdir or tempfile.mkdtemp(prefix="main_job_")
     os.makedirs(base, exist_ok=True)
     model_dir = None
-    if args.shape != "tiny":
+    if args.shape not in ("config", "tiny"):
         model_dir = build_model(os.path.join(base, f"model_{args.shape}"), args.shape)
     config = load_config(args.config, {**overrides, **(
         {"model.path": model_dir} if model_dir else {})})

@@ -26,6 +26,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 KEPT = os.path.join(HERE, "runs")
 EVAL_SUBSET = ("--config.data.subset=every:4",)  # the 100 evaluation tasks of the protocol
+SUBSET_TASKS = 100
+
+
+def joint_flags() -> tuple[str, ...]:
+    """Joint TTFT trains one adapter on the subset's rows: as many steps of `train.batch_size`
+    rows as the per-task rows give all 100 tasks together (`train.steps` x 100)."""
+    from configs import base
+
+    return ("--config.ttft.mode=joint",
+            f"--config.train.steps={base.get_config().train.steps * SUBSET_TASKS}")
 HELDOUT = ("--config.data.eval=kaggle2024/training", "--config.data.subset=every:8")
 
 
@@ -58,7 +68,7 @@ ROWS = (
     Row("color_swap", "color_swap"),
     Row("preserve_color", "preserve_color"),
     Row("n_minus_2", "n_minus_2"),
-    Row("color_swap_joint", "color_swap", EVAL_SUBSET + ("--config.ttft.mode=joint",)),
+    Row("color_swap_joint", "color_swap", EVAL_SUBSET + joint_flags()),
     Row("n_minus_1_dfs_poe", "n_minus_1", EVAL_SUBSET + DFS + ("--config.eval.scoring=poe",),
         adapters_from="n_minus_1"),
     Row("n_minus_1_dfs_count_logprob", "n_minus_1",
