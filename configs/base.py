@@ -1,6 +1,12 @@
 """Every knob of arc_jax with its default. Experiment configs import `get_config` from here and
 change only what their experiment changes.
 
+The defaults are the main command's budget (README, "Time and memory of the main job"): the
+shipped model (`arc_jax/assets/arc_phi3_small`), per-task TTFT of 3 batch-1 steps at lr 1e-3,
+bfloat16 matmuls, buckets up to its 4096-token training length, then 8 views per test input,
+each decoding at most its task's answer cap, voted. Steps and learning rate were chosen on the
+50 held-out training tasks (`data.holdout`), never on evaluation outputs.
+
     python -m arc_jax.main --config=configs/base.py --config.data.max_tasks=2 --config.train.steps=4
 
 Every experiment config also comes in a full-scale variant for a real Phi-3 checkpoint on an

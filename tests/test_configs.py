@@ -25,8 +25,8 @@ EXPERIMENT_KEYS = {
                        "augment.preserve_color"},  # preserve_color_prob stays 0.5
     "n_minus_2": {"name", "augment.geometric", "augment.color_swap", "augment.n_leave_out"},
     "train_base_model": {"name", "mode", "lora.enabled", "data.train", "data.loss_on",
-                         "augment.geometric", "augment.color_swap", "model.matmul_dtype",
-                         "data.max_seq_len", "train.steps", "train.batch_size",
+                         "augment.geometric", "augment.color_swap", "train.steps",
+                         "train.batch_size",
                          "train.learning_rate", "train.warmup_steps", "train.weight_decay",
                          "train.heldout_every"} | SCRATCH,
 }
@@ -42,17 +42,13 @@ def _changed(config, reference) -> set[str]:
 @pytest.mark.parametrize("name", sorted(EXPERIMENT_KEYS))
 def test_an_experiment_changes_only_its_keys(name, variant):
     config = importlib.import_module(f"configs.{name}").get_config(variant)
-    changed = _changed(config, base.get_config(variant))
-    if variant == "phi3" and name == "train_base_model":
-        changed -= {"data.max_seq_len"}  # both 4096
-    expected = EXPERIMENT_KEYS[name] - ({"data.max_seq_len"} if variant == "phi3" else set())
-    assert changed == expected
+    # train_base_model also sets bfloat16 matmuls and 4096-token episodes, as base now does
+    assert _changed(config, base.get_config(variant)) == EXPERIMENT_KEYS[name]
 
 
 def test_the_phi3_variant_is_the_full_scale_setting():
     changed = _changed(base.get_config("phi3"), base.get_config())
-    assert {"model.path", "model.dtype", "model.compute_dtype", "data.max_seq_len",
-            "data.buckets", "memory_gb"} <= changed
+    assert {"model.path", "model.dtype", "model.compute_dtype", "memory_gb"} <= changed
     config = base.get_config("phi3")
     assert (config.model.dtype, config.data.max_seq_len) == ("bfloat16", 4096)
     assert max(config.data.buckets) == 4096

@@ -32,6 +32,7 @@ def tiny(name: str, **overrides):
     """An experiment config shrunk to seconds: 2 tasks, 3 steps, small buckets and decoding."""
     config = importlib.import_module(f"configs.{name}").get_config()
     config.model.path = TINY_MODEL_DIR  # the random tiny model: tests stay fast
+    config.model.matmul_dtype = "compute"  # float32 products: tests compare with PyTorch
     config.data.task_ids = EVAL_TASKS
     config.data.buckets = (256, 512)
     config.train.steps = 3

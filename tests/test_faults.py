@@ -32,6 +32,7 @@ def tiny_config(**overrides):
     """The base config shrunk to 2 small tasks and 3 steps; `overrides` by dotted key."""
     config = get_config()
     config.model.path = TINY_MODEL_DIR  # the random tiny model: tests stay fast
+    config.model.matmul_dtype = "compute"  # float32 products, as the engine tests
     config.data.task_ids = ("66e6c45b", "be03b35f")
     config.data.buckets = (256, 512)
     config.train.steps = 3
@@ -105,7 +106,7 @@ def test_resume_under_a_changed_config_is_refused_naming_the_keys(tmp_path):
     message = str(err.value)
     assert f"workdir {tmp_path} holds checkpoints" in message
     for line in ("data.task_ids: ['66e6c45b', 'be03b35f'] -> ['66e6c45b']",
-                 "lora.rank: 4 -> 8", "train.learning_rate: 0.0001 -> 0.0003",
+                 "lora.rank: 4 -> 8", "train.learning_rate: 0.001 -> 0.0003",
                  "train.steps: 3 -> 6"):
         assert line in message
     assert "another --workdir" in message

@@ -32,6 +32,7 @@ def tiny_config():
     c = base.get_config()
     c.name = "multihost"
     c.model.path = os.path.join(ROOT, "arc_jax/assets/tiny_phi3")  # the random tiny model
+    c.model.matmul_dtype = "compute"  # float32 products, as the engine tests
     c.mode = "ttft"
     c.ttft.mode = "per_task"
     c.data.task_ids = TASKS

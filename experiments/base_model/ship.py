@@ -119,8 +119,8 @@ def write_card(out: str, summary: dict) -> None:
                       for p in heldout["curve"])
     text = f"""# {summary['name']}: a small Phi-3 trained from scratch on ARC
 
-The project's own model (arc_jax's default `model.path` once the main command's budget with it
-is measured; until then `--config.model.path=arc_jax/assets/{summary['name']}`).
+The project's own model: arc_jax's default `model.path` (`configs/base.py`), which the
+README's main command fine-tunes per task at test time.
 A Phi-3-architecture causal LM with the shipped ARC tokenizer
 ({m['vocab_size']} token ids: the 10 colours, digits for sizes and row numbers, grid markers),
 trained from random weights on the ARC training tasks and RE-ARC pairs for them, with arc_jax's
