@@ -268,8 +268,12 @@ def max_answer_tokens(vocab: TokenVocab, fmt: GridFormat | str) -> int:
     """Tokens of the longest possible answer: a 30x30 grid in `fmt` plus the answer suffix (which
     ends with the end marker `vocab.end`): the `max_new_tokens` that never cuts an answer."""
     fmt = get_grid_format(fmt) if isinstance(fmt, str) else fmt
-    suffix = int(vocab.piece_lens[PIECES.index("answer_suffix")])
-    return grid_length(vocab, fmt, (MAX_SIDE, MAX_SIDE)) + suffix
+    return answer_tokens(vocab, fmt, (MAX_SIDE, MAX_SIDE))
+
+
+def answer_tokens(vocab: TokenVocab, fmt: GridFormat, shape: Sequence[int]) -> int:
+    """Tokens of an answer grid of `shape` (h, w) in `fmt` plus the answer suffix."""
+    return grid_length(vocab, fmt, shape) + int(vocab.piece_lens[PIECES.index("answer_suffix")])
 
 
 def prompts_that_fit(

@@ -37,16 +37,16 @@ from arc_jax.data.pipeline import (
     assign_buckets,
     episode_length,
     eval_batch,
-    grid_length,
 )
 from arc_jax.data.tasks import Task
-from arc_jax.data.tokenizer import PIECES, TokenVocab
+from arc_jax.data.tokenizer import TokenVocab
 from arc_jax.infer.dfs import _dfs, _dfs_sharded, dfs_per_task, search_options
 from arc_jax.infer.evaluate import SCORINGS, Candidate, grid_key, parse_candidate
 from arc_jax.infer.generate import (
     _decode,
     _decode_sharded,
     _options,
+    answer_tokens,
     generate_per_task,
     max_answer_tokens,
     prompts_that_fit,
@@ -219,8 +219,7 @@ def answer_token_cap(vocab: TokenVocab, fmt: GridFormat, task: Task, q: int) -> 
         ratio = max(p.output.shape[axis] / p.input.shape[axis] for p in task.train)
         sides.append(min(MAX_SIDE, max(tallest, int(np.ceil(test.shape[axis] * ratio - 1e-9)))))
     h, w = sides
-    suffix = int(vocab.piece_lens[PIECES.index("answer_suffix")])
-    return max(grid_length(vocab, fmt, (h, w)), grid_length(vocab, fmt, (w, h))) + suffix
+    return max(answer_tokens(vocab, fmt, (h, w)), answer_tokens(vocab, fmt, (w, h)))
 
 
 def _fit_groups(compile_for, budget_bytes: float, most: int, shared_bytes: int,
