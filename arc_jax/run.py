@@ -483,7 +483,8 @@ def eval_settings(config) -> EvalSettings:
         dfs_min_prob=float(e.get("dfs_min_prob", 0.1)),
         dfs_max_candidates=e.get("dfs_max_candidates", 8),
         dfs_max_steps=e.get("dfs_max_steps", 0), scoring=e.get("scoring", "vote"),
-        score_views=e.get("score_views", 8), answer_cap=e.get("answer_cap", "any"))
+        score_views=e.get("score_views", 8), answer_cap=e.get("answer_cap", "any"),
+        grammar=e.get("grammar", "none"))
 
 
 def export_task_adapters(setup: Setup, tasks: Sequence[Task], adapters: dict[int, Any]) -> dict:

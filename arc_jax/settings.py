@@ -90,10 +90,12 @@ def check_eval(config) -> None:
     """`eval.strategy`, `eval.scoring`, the DFS and PoE knobs, `eval.adapters_from` and
     `ttft.export_adapters`."""
     from arc_jax.infer.evaluate import SCORINGS
+    from arc_jax.infer.grammar import GRAMMARS
     from arc_jax.infer.inference import ANSWER_CAPS, STRATEGIES
 
     _choice(config, "eval.strategy", STRATEGIES)
     _choice(config, "eval.answer_cap", ANSWER_CAPS)
+    _choice(config, "eval.grammar", GRAMMARS)
     _choice(config, "eval.scoring", SCORINGS)
     for key in ("eval.dfs_max_candidates", "eval.score_views"):
         _at_least(config, key, 1)

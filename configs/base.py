@@ -150,6 +150,9 @@ def _defaults() -> ml_collections.ConfigDict:
     # vote decoding: any = every view may decode max_new_tokens; task = a view stops after the
     # answer tokens its task allows (the inference.answer_token_cap rule, from the train pairs)
     c.eval.answer_cap = "task"
+    # grid: each token is chosen among those that keep the answer a well-formed grid in the
+    # format (arc_jax.infer.grammar), for vote and dfs alike | none: the model's own choice
+    c.eval.grammar = "grid"
     c.eval.strategy = "vote"  # vote: one decoded answer per view | dfs: all above dfs_min_prob
     c.eval.dfs_min_prob = 0.1  # dfs: keep every completion with probability >= this, per view
     c.eval.dfs_max_candidates = 8  # dfs: at most this many completions per view

@@ -64,6 +64,7 @@ def test_exported_adapters_load_with_peft_and_give_our_logits(tmp_path, quantize
     ({"eval.strategy": "beam"}, "eval.strategy"),
     ({"eval.scoring": "max"}, "eval.scoring"),
     ({"eval.answer_cap": "none"}, "eval.answer_cap"),
+    ({"eval.grammar": "json"}, "eval.grammar"),
     ({"eval.dfs_min_prob": 0.0}, "eval.dfs_min_prob"),
     ({"eval.dfs_max_candidates": 0}, "eval.dfs_max_candidates"),
     ({"eval.score_views": 0}, "eval.score_views"),

@@ -160,3 +160,108 @@ def test_stack_size():
     assert stack_size(0.1) == 11 and stack_size(1.0) == 2 and stack_size(0.3) == 4
     with pytest.raises(ValueError, match="min_prob"):
         stack_size(0.0)
+
+
+# --- grid-constrained search -----------------------------------------------------------------
+# A 16-token vocabulary that spells grids: 0 pad, 1 end, 2..11 the digits, 12 newline, 13 x,
+# 14 space, 15 unused; numbers are spelled with the digits.
+G_VOCAB, G_END = 16, 1
+
+
+def grid_vocab():
+    from arc_jax.data.tokenizer import PIECES, TokenVocab
+
+    digits = np.arange(2, 12, dtype=np.int32)
+    spelled = [[int(digits[int(c)]) for c in str(n)] for n in range(31)]
+    numbers = np.full((31, 2), -1, np.int32)
+    for n, ids in enumerate(spelled):
+        numbers[n, : len(ids)] = ids
+    pieces = np.full((len(PIECES), 1), -1, np.int32)
+    pieces[PIECES.index("answer_suffix"), 0] = G_END
+    piece_lens = np.zeros(len(PIECES), np.int32)
+    piece_lens[PIECES.index("answer_suffix")] = 1
+    return TokenVocab(digits=digits, newline=np.int32(12), numbers=numbers,
+                      number_lens=np.asarray([len(s) for s in spelled], np.int32),
+                      x=np.int32(13), space=np.int32(14), pieces=pieces, piece_lens=piece_lens,
+                      pad=np.int32(PAD), end=np.int32(G_END))
+
+
+@pytest.fixture(scope="module")
+def grid_tiny():
+    config = Phi3Config(vocab_size=G_VOCAB, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=64, original_max_position_embeddings=64,
+                        bos_token_id=2, eos_token_id=G_END, pad_token_id=PAD)
+    model = Phi3(config)
+    key = jax.random.key(5)
+    params = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    params = jax.tree.unflatten(tree, [x if x.ndim == 1 else 0.3 * jax.random.normal(k, x.shape)
+                                       for x, k in zip(leaves, keys, strict=True)])
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 4.0
+    lengths = np.array([[5, 3], [7, 6]])
+    prompts = np.random.default_rng(1).integers(2, G_VOCAB, size=(*lengths.shape, WIDTH))
+    prompts = np.where(np.arange(WIDTH) < lengths[..., None], prompts, PAD).astype(np.int32)
+    return model, params, prompts, lengths
+
+
+def constrained_brute_force(model, params, grammar, prompt, length, min_prob, n):
+    """{completion: constrained log-probability} of every well-formed grid of <= n tokens at
+    or above `min_prob`, by expanding every prefix above it level by level, each level scored by
+    full forward passes (no cache) and renormalised over the automaton's allowed tokens."""
+    from arc_jax.infer import grammar as gm
+
+    forward = _forward(model, None)
+    allowed = jax.jit(lambda s: gm.allowed(grammar, s, G_VOCAB))
+    level = [((), 0.0, gm.start(grammar, ()))]
+    done = {}
+    for depth in range(n):
+        if not level:
+            break
+        ids = np.full((len(level), WIDTH + n), PAD, np.int32)
+        ids[:, :length] = prompt[:length]
+        for r, (path, _, _) in enumerate(level):
+            ids[r, length:length + depth] = path
+        logp = np.asarray(forward(params, None, ids))[:, length - 1 + depth]
+        states = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, _, s in level])
+        masked = np.asarray(gm.mask_log_probs(jnp.asarray(logp), allowed(states)))
+        nxt = []
+        for r, (path, lp, state) in enumerate(level):
+            for tok in np.flatnonzero(masked[r] > -np.inf):
+                child = lp + float(masked[r, tok])
+                if child < np.log(min_prob):
+                    continue
+                if tok == G_END:
+                    done[(*path, int(tok))] = child
+                elif depth + 2 <= n:
+                    nxt.append(((*path, int(tok)), child,
+                                gm.advance(grammar, state, jnp.int32(tok))))
+        level = nxt
+    return done
+
+
+# the smallest grids: "d\n<end>" (3 tokens) in minimal, "1 d\n<end>" (5) in numbered
+@pytest.mark.parametrize("fmt_name,n,min_prob", [("minimal", 10, 0.005),
+                                                  ("numbered", 10, 0.005)])
+def test_constrained_dfs_returns_exactly_the_well_formed_grids_above_the_threshold(
+        grid_tiny, fmt_name, n, min_prob):
+    from arc_jax.data.formats import get_grid_format
+    from arc_jax.infer import grammar as gm
+
+    model, params, prompts, lengths = grid_tiny
+    grammar = gm.grid_grammar(grid_vocab(), get_grid_format(fmt_name))
+    found = jax.device_get(dfs_per_task(
+        model, params, None, prompts, lengths, min_prob=min_prob, max_candidates=64,
+        max_new_tokens=n, eos_token_id=G_END, pad_token_id=PAD, grammar=grammar))
+    got = found_sets(found)
+    n_above = 0
+    for i, j in np.ndindex(*lengths.shape):
+        want = constrained_brute_force(model, params, grammar, prompts[i, j], lengths[i, j],
+                                       min_prob, n)
+        assert set(got[i][j]) == set(want), (i, j, got[i][j], want)
+        for c, lp in want.items():
+            assert got[i][j][c] == pytest.approx(lp, abs=1e-4)
+        assert found.exhausted[i, j]
+        n_above += len(want)
+    assert n_above >= 4

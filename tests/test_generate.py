@@ -11,8 +11,8 @@ import pytest
 from arc_jax.data.formats import answer_text, get_grid_format
 from arc_jax.data.tasks import Pair, Task
 from arc_jax.data.tokenizer import load_tokenizer, token_vocab
-from arc_jax.infer.inference import answer_token_cap
 from arc_jax.infer.generate import generate, generate_per_task, max_answer_tokens, prompts_that_fit
+from arc_jax.infer.inference import answer_token_cap
 from arc_jax.model.convert import load_pretrained
 from arc_jax.model.lora import LoraConfig, init_lora_stack, unstack_lora
 

@@ -30,6 +30,10 @@ positions of that row's call: the prompt's by its length, each decoded token's b
 the keys kept as cached (no recomputation when a row crosses `original_max_position_embeddings`).
 For default RoPE, and for LongRoPE sequences within `original_max_position_embeddings`, the
 probabilities are exactly the teacher-forced ones.
+
+With a `grammar` (`arc_jax.infer.grammar`), each prefix carries its automaton state and the
+next-token distribution is the model's renormalised over the tokens the grid format allows: the
+search then returns every well-formed grid whose constrained probability is >= `min_prob`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from arc_jax.infer import grammar as gm
 from arc_jax.model.lora import LoraConfig
 from arc_jax.model.phi3 import Phi3, init_cache, project_logits
 
@@ -114,6 +119,7 @@ def dfs_per_task(
     min_prob: float, max_candidates: int, max_new_tokens: int,
     eos_token_id: int | Sequence[int], pad_token_id: int, max_steps: int = 0,
     lora_config: LoraConfig | None = None, mesh: Mesh | None = None,
+    grammar: gm.GridGrammar | None = None,
 ) -> Found:
     """Every completion with probability >= `min_prob` after each of `prompts [G, B, T]`
     (right-padded, `lengths [G, B]` >= 1), under adapter `lora_stack[g]` (None: the base).
@@ -121,7 +127,8 @@ def dfs_per_task(
     At most `max_candidates` per row and `max_new_tokens` tokens each (eos included); with
     `max_steps` > 0, at most that many expansions per row. With a `mesh` of several devices the
     groups are sharded over it (G a multiple of its size). Compiled once per shapes, caps and
-    the stack size (from `min_prob`); the threshold itself is traced.
+    the stack size (from `min_prob`); the threshold itself is traced. `grammar`: search the
+    constrained distribution (module docstring).
     """
     options = search_options(min_prob, max_candidates, max_new_tokens, eos_token_id, pad_token_id,
                           max_steps)
@@ -129,9 +136,9 @@ def dfs_per_task(
     lora_axis = None if lora_stack is None else 0
     if mesh is not None and mesh.size > 1:
         return _dfs_sharded(model, params, lora_stack, lora_config, prompts, lengths, **options,
-                            lora_axis=lora_axis, mesh=mesh)
+                            grammar=grammar, lora_axis=lora_axis, mesh=mesh)
     return _dfs(model, params, lora_stack, lora_config, prompts, lengths, **options,
-                lora_axis=lora_axis)
+                grammar=grammar, lora_axis=lora_axis)
 
 
 def search_options(min_prob: float, max_candidates: int, max_new_tokens: int, eos_token_id,
@@ -152,25 +159,27 @@ _STATIC = ("model", "stack", "max_candidates", "max_new_tokens", "pad", "lora_ax
 
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "mesh"))
 def _dfs_sharded(model, params, lora, lora_config, prompts, lengths, *, log_min_prob, stack,
-                 max_candidates, max_new_tokens, eos, pad, max_steps, lora_axis, mesh) -> Found:
+                 max_candidates, max_new_tokens, eos, pad, max_steps, lora_axis, mesh,
+                 grammar=None) -> Found:
     """`_dfs` with the group axis sharded over `mesh` (its one axis), no collectives."""
-    def local(params, lora, prompts, lengths, log_min_prob, eos, max_steps):
+    def local(params, lora, prompts, lengths, log_min_prob, eos, max_steps, grammar):
         return _dfs(model, params, lora, lora_config, prompts, lengths,
                     log_min_prob=log_min_prob, stack=stack, max_candidates=max_candidates,
                     max_new_tokens=max_new_tokens, eos=eos, pad=pad, max_steps=max_steps,
-                    lora_axis=lora_axis)
+                    grammar=grammar, lora_axis=lora_axis)
 
     group = P(mesh.axis_names[0])
     return jax.shard_map(
         local, mesh=mesh, check_vma=False, out_specs=group,
-        in_specs=(P(), None if lora is None else group, group, group, P(), P(), P()),
-    )(params, lora, prompts, lengths, log_min_prob, eos, max_steps)
+        in_specs=(P(), None if lora is None else group, group, group, P(), P(), P(), P()),
+    )(params, lora, prompts, lengths, log_min_prob, eos, max_steps, grammar)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _dfs(model, params, lora, lora_config, prompts, lengths, *, log_min_prob, stack,
-         max_candidates, max_new_tokens, eos, pad, max_steps, lora_axis) -> Found:
-    """The search over `prompts [G, B, T]`, `lengths [G, B]`; `stack` slots per row."""
+         max_candidates, max_new_tokens, eos, pad, max_steps, lora_axis, grammar=None) -> Found:
+    """The search over `prompts [G, B, T]`, `lengths [G, B]`; `stack` slots per row; prefixes
+    carry their `grammar` state (`state["stack_gram"]`, leaves `[G, B, S, ...]`) if given."""
     prompts, lengths = prompts.astype(jnp.int32), lengths.astype(jnp.int32)
     g, b, t = prompts.shape
     n, c_max, s_max = max_new_tokens, max_candidates, stack
@@ -185,9 +194,12 @@ def _dfs(model, params, lora, lora_config, prompts, lengths, *, log_min_prob, st
     log_probs = functools.partial(row_log_probs, model, params, lora, lora_config,
                                   lora_axis=lora_axis)
 
-    def expand(state, logp, cum, depth, active):
-        """Children of the prefixes (cum, depth `[G, B]`, next-token `logp [G, B, V]`) of the
-        `active` rows: eos children become completions, the others are pushed."""
+    def expand(state, logp, cum, depth, active, gram):
+        """Children of the prefixes (cum, depth `[G, B]`, next-token `logp [G, B, V]`, grammar
+        states `gram`) of the `active` rows: eos children become completions, the others are
+        pushed."""
+        if grammar is not None:
+            logp = gm.mask_log_probs(logp, gm.allowed(grammar, gram, logp.shape[-1]))
         top_lp, top_tok = jax.lax.top_k(logp, branch)  # [G, B, K], most probable first
         child = cum[..., None] + top_lp
         keep = active[..., None] & (child >= log_min_prob)
@@ -226,6 +238,12 @@ def _dfs(model, params, lora, lora_config, prompts, lengths, *, log_min_prob, st
         stack_depth = state["stack_depth"].at[gi, bi, at].set(
             jnp.broadcast_to(child_depth[..., None], at.shape), mode="drop")
         cut = cut | (state["sp"] + n_push > s_max)
+        if grammar is not None:
+            widen = lambda x: jnp.broadcast_to(x[:, :, None], (g, b, branch, *x.shape[2:]))
+            children = gm.advance(grammar, jax.tree.map(widen, gram), top_tok)
+            state = {**state, "stack_gram": jax.tree.map(
+                lambda slots, child: slots.at[gi, bi, at].set(child, mode="drop"),
+                state["stack_gram"], children)}
         return {**state, "found_tok": found_tok, "found_len": found_len, "found_lp": found_lp,
                 "n_found": n_found, "stack_tok": stack_tok, "stack_lp": stack_lp,
                 "stack_depth": stack_depth, "sp": jnp.minimum(state["sp"] + n_push, s_max),
@@ -249,14 +267,23 @@ def _dfs(model, params, lora, lora_config, prompts, lengths, *, log_min_prob, st
         "found_lp": jnp.full((g, b, c_max), -jnp.inf, jnp.float32),
         "n_found": zeros(jnp.int32), "steps": zeros(jnp.int32), "cut": zeros(bool),
     }
+    root = None
+    if grammar is not None:
+        root = gm.start(grammar, (g, b))
+        state["stack_gram"] = gm.start(grammar, (g, b, s_max))
     state = expand(state, log_probs(last), zeros(jnp.float32), jnp.full((g, b), -1, jnp.int32),
-                   jnp.ones((g, b), bool))
+                   jnp.ones((g, b), bool), root)
 
     def body(state):
         active = is_active(state)
         top = jnp.maximum(state["sp"] - 1, 0)[..., None]
         pick = lambda x: jnp.take_along_axis(x, top, axis=-1)[..., 0]
         tok, depth, cum = (pick(state[k]) for k in ("stack_tok", "stack_depth", "stack_lp"))
+        gram = None
+        if grammar is not None:
+            gram = jax.tree.map(lambda x: jnp.take_along_axis(
+                x, top.reshape(g, b, 1, *[1] * (x.ndim - 3)), axis=2)[:, :, 0],
+                state["stack_gram"])
         sp = state["sp"] - active
         gi, bi = jnp.arange(g)[:, None], jnp.arange(b)[None, :]
         path = state["path"].at[gi, bi, jnp.where(active, depth, n)].set(tok, mode="drop")
@@ -265,7 +292,7 @@ def _dfs(model, params, lora, lora_config, prompts, lengths, *, log_min_prob, st
         h, cache = hidden(feed[..., None], pos[..., None], state["cache"])
         state = {**state, "cache": cache, "path": path, "sp": sp,
                  "steps": state["steps"] + active}
-        return expand(state, log_probs(h[:, :, 0]), cum, depth, active)
+        return expand(state, log_probs(h[:, :, 0]), cum, depth, active, gram)
 
     state = jax.lax.while_loop(lambda s: jnp.any(is_active(s)), body, state)
     exhausted = (state["sp"] == 0) & ~state["cut"]

@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from arc_jax.data.formats import MAX_SIDE, GridFormat, get_grid_format
 from arc_jax.data.pipeline import grid_length
 from arc_jax.data.tokenizer import PIECES, TokenVocab
+from arc_jax.infer import grammar as gm
 from arc_jax.model.lora import LoraConfig
 from arc_jax.model.phi3 import Phi3, Phi3Config, init_cache, project_logits
 
@@ -64,7 +65,7 @@ def generate(
     model: Phi3, params: Mapping, prompts: Array, lengths: Array, *, max_new_tokens: int,
     eos_token_id: int | Sequence[int] | None, pad_token_id: int, key: Array | None = None,
     temperature: float = 0.0, top_k: int = 0, lora: Mapping | None = None,
-    lora_config: LoraConfig | None = None,
+    lora_config: LoraConfig | None = None, grammar: gm.GridGrammar | None = None,
 ) -> Generated:
     """Decodes up to `max_new_tokens` after each of `prompts [B, T]` (right-padded, `lengths [B]`,
     each >= 1).
@@ -73,13 +74,15 @@ def generate(
     restricted to the `top_k` most likely tokens when `top_k > 0`; token `n` is drawn with
     `fold_in(key, n)`. A row stops at any id in `eos_token_id` (None: never). Compiled once per
     model, shapes, `max_new_tokens`, `pad_token_id` and number of eos ids; temperature, top-k and
-    the eos ids are traced, so greedy and sampling share one program.
+    the eos ids are traced, so greedy and sampling share one program. With a `grammar`
+    (`grammar.grid_grammar`), each token is chosen among those the grid automaton allows, from
+    the model's distribution renormalised over them (`logprobs` are then of that distribution).
     """
     keys = None if key is None else jnp.asarray(key)[None]
     out = _decode(model, params, lora, lora_config, jnp.asarray(prompts)[None],
                   jnp.asarray(lengths)[None], **_options(
                       keys, 1, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k),
-                  lora_axis=None)
+                  grammar=grammar, lora_axis=None)
     return jax.tree.map(lambda x: x[0], out)
 
 
@@ -89,6 +92,7 @@ def generate_per_task(
     key: Array | None = None, temperature: float = 0.0, top_k: int = 0,
     lora_config: LoraConfig | None = None, group_keys: Array | None = None,
     mesh: Mesh | None = None, max_new_per_group: Array | None = None,
+    grammar: gm.GridGrammar | None = None,
 ) -> Generated:
     """`generate` for G tasks at once: adapter `lora_stack[g]` (leading axis `[G]`) decodes
     `prompts [G, B, T]` with `lengths [G, B]` (e.g. B augmentations of task g's test input).
@@ -100,6 +104,7 @@ def generate_per_task(
     (G a multiple of its size). `max_new_per_group [G]`: group g's rows stop after this many
     tokens (at most `max_new_tokens`, which sets the program's shapes); the loop ends when every
     row is done, so a batch costs the steps of its largest cap, not of `max_new_tokens`.
+    `grammar`: constrained decoding, as in `generate`.
     """
     prompts, lengths = jnp.asarray(prompts), jnp.asarray(lengths)
     keys = group_keys if group_keys is not None else (
@@ -109,31 +114,33 @@ def generate_per_task(
     lora_axis = None if lora_stack is None else 0
     if mesh is not None and mesh.size > 1:
         return _decode_sharded(model, params, lora_stack, lora_config, prompts, lengths,
-                               **options, lora_axis=lora_axis, mesh=mesh)
+                               **options, grammar=grammar, lora_axis=lora_axis, mesh=mesh)
     return _decode(model, params, lora_stack, lora_config, prompts, lengths, **options,
-                   lora_axis=lora_axis)
+                   grammar=grammar, lora_axis=lora_axis)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "pad", "lora_axis",
                                              "mesh"))
 def _decode_sharded(model, params, lora, lora_config, prompts, lengths, *, keys, caps,
-                    max_new_tokens, eos, pad, temperature, top_k, lora_axis, mesh) -> Generated:
+                    max_new_tokens, eos, pad, temperature, top_k, lora_axis, mesh,
+                    grammar=None) -> Generated:
     """`_decode` with the group axis sharded over `mesh` (its one axis): each device decodes its
     own groups, with no collectives; G must be a multiple of the mesh size."""
     axis = mesh.axis_names[0]
 
-    def local(params, lora, prompts, lengths, keys, caps, eos, temperature, top_k):
+    def local(params, lora, prompts, lengths, keys, caps, eos, temperature, top_k, grammar):
         return _decode(model, params, lora, lora_config, prompts, lengths, keys=keys, caps=caps,
                        max_new_tokens=max_new_tokens, eos=eos, pad=pad,
-                       temperature=temperature, top_k=top_k, lora_axis=lora_axis)
+                       temperature=temperature, top_k=top_k, grammar=grammar,
+                       lora_axis=lora_axis)
 
     group = P(axis)
     return jax.shard_map(
         local, mesh=mesh,
         in_specs=(P(), None if lora is None else group, group, group, group, group, P(), P(),
-                  P()),
+                  P(), P()),
         out_specs=group, check_vma=False,
-    )(params, lora, prompts, lengths, keys, caps, eos, temperature, top_k)
+    )(params, lora, prompts, lengths, keys, caps, eos, temperature, top_k, grammar)
 
 
 def _options(keys, groups, max_new_tokens, eos_token_id, pad_token_id, temperature,
@@ -162,9 +169,9 @@ def _options(keys, groups, max_new_tokens, eos_token_id, pad_token_id, temperatu
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "pad", "lora_axis"))
 def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, caps, max_new_tokens,
-            eos, pad, temperature, top_k, lora_axis) -> Generated:
+            eos, pad, temperature, top_k, lora_axis, grammar=None) -> Generated:
     """The loop over `prompts [G, B, T]`, `lengths [G, B]`, `keys [G]`, token caps `caps [G]`,
-    eos ids `eos [E]`."""
+    eos ids `eos [E]`; `grammar` (None: unconstrained) masks each step's logits."""
     cfg = model.config
     prompts, lengths = prompts.astype(jnp.int32), lengths.astype(jnp.int32)
     g, b, t = prompts.shape
@@ -203,11 +210,17 @@ def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, caps, m
         draw = lambda key, x: jax.random.categorical(jax.random.fold_in(key, i), x)
         return jax.vmap(draw)(keys, scaled).astype(jnp.int32)
 
-    def choose(step_logits, i, done):  # -> tokens [G, B], logprobs [G, B]
+    def choose(step_logits, i, done, state):  # -> tokens [G, B], logprobs [G, B], state
+        if grammar is not None:
+            step_logits = jnp.where(gm.allowed(grammar, state, step_logits.shape[-1]),
+                                    step_logits, -jnp.inf)
         greedy = lambda x, i: jnp.argmax(x, axis=-1).astype(jnp.int32)
         tok = jax.lax.cond(temperature > 0, sample, greedy, step_logits, i)
         logp = jnp.take_along_axis(jax.nn.log_softmax(step_logits), tok[..., None], -1)[..., 0]
-        return jnp.where(done, pad, tok).astype(jnp.int32), jnp.where(done, 0.0, logp)
+        if grammar is not None:
+            state = gm.advance(grammar, state, tok)
+        return (jnp.where(done, pad, tok).astype(jnp.int32), jnp.where(done, 0.0, logp),
+                state)
 
     def is_eos(tok):
         return jnp.isin(tok, eos)
@@ -215,7 +228,8 @@ def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, caps, m
     index = jnp.arange(t)
     prefill_pos = jnp.where(index < lengths[..., None], index, -1)
     h, cache = hidden(prompts, prefill_pos, empty_cache(), fresh=True)
-    tok, logp = choose(logits(at(h, lengths - 1)), 0, jnp.zeros((g, b), bool))
+    state = None if grammar is None else gm.start(grammar, (g, b))
+    tok, logp, state = choose(logits(at(h, lengths - 1)), 0, jnp.zeros((g, b), bool), state)
     cap = caps[:, None]  # [G, 1]
     done = is_eos(tok) | (cap <= 1)
     rows = (jnp.arange(g)[:, None], jnp.arange(b)[None, :])
@@ -240,21 +254,22 @@ def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, caps, m
         return jax.lax.cond(jnp.any(cross), recompute, lambda out: out, out)
 
     def cond(carry):
-        i, *_, done = carry
+        i, *_, done, _ = carry
         return (i < n) & ~jnp.all(done)
 
     def body(carry):
-        i, cache, seq, tokens, logprobs, tok, done = carry
+        i, cache, seq, tokens, logprobs, tok, done, state = carry
         pos = lengths + i - 1  # where the previous token goes
         step_logits, cache = next_logits(cache, seq, tok, pos)
-        tok, logp = choose(step_logits, i, done)
+        tok, logp, state = choose(step_logits, i, done, state)
         seq = seq.at[(*rows, pos + 1)].set(tok)
         tokens = tokens.at[:, :, i].set(tok)
         logprobs = logprobs.at[:, :, i].set(logp)
-        return i + 1, cache, seq, tokens, logprobs, tok, done | is_eos(tok) | (i + 1 >= cap)
+        return (i + 1, cache, seq, tokens, logprobs, tok, done | is_eos(tok) | (i + 1 >= cap),
+                state)
 
-    carry = (jnp.int32(1), cache, seq, tokens, logprobs, tok, done)
-    *_, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), cache, seq, tokens, logprobs, tok, done, state)
+    *_, tokens, logprobs, _, _, _ = jax.lax.while_loop(cond, body, carry)
     stop = is_eos(tokens)
     finished = jnp.any(stop, axis=-1)
     n_gen = jnp.where(finished, jnp.argmax(stop, axis=-1) + 1,

@@ -51,6 +51,7 @@ from arc_jax.infer.generate import (
     max_answer_tokens,
     prompts_that_fit,
 )
+from arc_jax.infer.grammar import GRAMMARS, grid_grammar
 from arc_jax.infer.scoring import _score, _score_sharded, answer_ids, answer_width, score_answers
 from arc_jax.model.lora import LoraConfig, init_lora, stack_lora
 from arc_jax.model.phi3 import Phi3
@@ -70,6 +71,8 @@ class EvalSettings:
     `dfs_max_candidates` per view and `dfs_max_steps` expansions (0: no cap).
     scoring: how the distinct grids are ranked (`arc_jax.infer.evaluate.rank`); `poe` scores
     them under `score_views` augmented views (`arc_jax.infer.scoring`).
+    grammar: `grid` decodes (vote or dfs) only well-formed grids in the format, from the
+    model's distribution renormalised over the allowed tokens (`arc_jax.infer.grammar`).
     """
 
     n_augmentations: int = 8
@@ -83,6 +86,7 @@ class EvalSettings:
     scoring: str = "vote"
     score_views: int = 8
     answer_cap: str = "any"  # any: every view may decode `max_new_tokens`; task: answer_token_cap
+    grammar: str = "none"  # grid: constrained to well-formed grids (`arc_jax.infer.grammar`)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -91,6 +95,8 @@ class EvalSettings:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.answer_cap not in ANSWER_CAPS:
             raise ValueError(f"answer_cap must be one of {ANSWER_CAPS}, got {self.answer_cap!r}")
+        if self.grammar not in GRAMMARS:
+            raise ValueError(f"grammar must be one of {GRAMMARS}, got {self.grammar!r}")
 
     def cache_settings(self, what: str) -> dict[str, Any]:
         """The settings a cached `what` ("decode" or "poe") result depends on: a vote decode
@@ -102,6 +108,8 @@ class EvalSettings:
             keys += ["scoring", "score_views"]
         if self.answer_cap != "any":  # so caches made before the cap existed stay valid
             keys.append("answer_cap")
+        if self.grammar != "none":
+            keys.append("grammar")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -362,6 +370,7 @@ def evaluate_tasks(
                 augment.Augmentation(c["dihedral"], np.asarray(c["colors"])), c["text"],
                 c["logprob"], c.get("total")) for c in hit["candidates"]]
     dfs = settings.strategy == "dfs"
+    grammar = grid_grammar(vocab, fmt) if settings.grammar == "grid" else None
     lora_axis = None if adapters is None else 0
     dfs_options = dict(min_prob=settings.dfs_min_prob, max_candidates=settings.dfs_max_candidates,
                        max_new_tokens=max_new, eos_token_id=int(vocab.end),
@@ -385,18 +394,18 @@ def evaluate_tasks(
                 options = search_options(**dfs_options)
                 if n_dev > 1:
                     return _dfs_sharded.lower(model, params, lora, lora_config, tokens, lens,
-                                              **options, lora_axis=lora_axis,
+                                              **options, grammar=grammar, lora_axis=lora_axis,
                                               mesh=mesh).compile()
                 return _dfs.lower(model, params, lora, lora_config, tokens, lens, **options,
-                                  lora_axis=lora_axis).compile()
+                                  grammar=grammar, lora_axis=lora_axis).compile()
             options = _options(jax.random.split(key, g), g, max_new, int(vocab.end),
                                int(vocab.pad), settings.temperature, settings.top_k)
             if n_dev > 1:
                 return _decode_sharded.lower(
                     model, params, lora, lora_config, tokens, lens,
-                    **options, lora_axis=lora_axis, mesh=mesh).compile()
+                    **options, grammar=grammar, lora_axis=lora_axis, mesh=mesh).compile()
             return _decode.lower(model, params, lora, lora_config, tokens,
-                                 lens, **options, lora_axis=lora_axis).compile()
+                                 lens, **options, grammar=grammar, lora_axis=lora_axis).compile()
 
         for real, chunk in _chunks(groups, group_size(compile_decode, groups)):
             if out_of_time():
@@ -415,7 +424,7 @@ def evaluate_tasks(
             if dfs:
                 found = gather(dfs_per_task(
                     model, params, lora_for(chunk), view_prompts, view_lengths, **dfs_options,
-                    lora_config=lora_config, mesh=mesh))
+                    lora_config=lora_config, mesh=mesh, grammar=grammar))
                 # per view: (tokens [C, N], lengths [C], whole log-probs [C])
                 per_view = lambda g, v, found=found: [(
                     found.tokens[g, v, c], int(found.lengths[g, v, c]),
@@ -428,7 +437,8 @@ def evaluate_tasks(
                     pad_token_id=int(vocab.pad), temperature=settings.temperature,
                     top_k=settings.top_k, lora_config=lora_config, mesh=mesh,
                     group_keys=jnp.stack([group_key(SAMPLING, i, q) for i, q in chunk]),
-                    max_new_per_group=jnp.asarray([caps[g] for g in chunk]) if caps else None))
+                    max_new_per_group=jnp.asarray([caps[g] for g in chunk]) if caps else None,
+                    grammar=grammar))
                 per_view = lambda g, v, gen=gen: [(
                     gen.tokens[g, v], int(gen.lengths[g, v]),
                     float(np.mean(gen.logprobs[g, v, : gen.lengths[g, v]]))
