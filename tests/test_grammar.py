@@ -109,6 +109,45 @@ def test_random_walks_spell_well_formed_grids(which, fmt_name):
         assert [int(t) for t in row if t >= 0] == answer_ids(vocab, fmt, parsed.grid)
 
 
+@pytest.mark.parametrize("fmt_name", sorted(GRID_FORMATS))
+def test_shape_bounds_hold_and_admit_every_grid_within_them(fmt_name):
+    tokenizer, vocab = vocab_of("arc")
+    fmt = get_grid_format(fmt_name)
+    grammar = gm.grid_grammar(vocab, fmt)
+    allowed, advance = _programs(len(tokenizer))
+    bounds = np.asarray([[1, 1], [2, 7], [7, 2], [12, 30], [30, 3], [5, 5]], np.int32)
+    # every grid within its bound is accepted
+    rng = np.random.default_rng(2)
+    for max_h, max_w in bounds:
+        for shape in {(max_h, max_w), (1, max_w), (max_h, 1), (1, 1)}:
+            ids = answer_ids(vocab, fmt, rng.integers(0, 10, size=shape))
+            state = gm.start(grammar, (1,), np.asarray([[max_h, max_w]]))
+            for tok in ids:
+                assert bool(allowed(grammar, state)[0, tok]), (fmt_name, shape, max_h, max_w)
+                state = advance(grammar, state, jnp.asarray([tok]))
+            assert int(state.phase[0]) == gm.DONE
+    # and random walks never leave it
+    key = jax.random.key(4)
+    state = gm.start(grammar, (len(bounds),), bounds)
+    walks = [[] for _ in bounds]
+    bias = jnp.zeros(len(tokenizer)).at[jnp.asarray(vocab.digits)].set(2.0)  # long rows
+    for n in range(2000):
+        mask = allowed(grammar, state)
+        logits = jax.random.normal(jax.random.fold_in(key, n), mask.shape) + bias
+        tok = jax.random.categorical(jax.random.fold_in(key, 100_000 + n),
+                                     jnp.where(mask, logits, -jnp.inf))
+        for r, t in enumerate(np.asarray(tok)):
+            if int(state.phase[r]) != gm.DONE:
+                walks[r].append(int(t))
+        state = advance(grammar, state, tok)
+        if bool(jnp.all(state.phase == gm.DONE)):
+            break
+    for (max_h, max_w), ids in zip(bounds, walks, strict=True):
+        parsed = parse_answer(tokenizer.decode(ids), fmt)
+        assert parsed.ok, parsed.error
+        assert parsed.grid.shape[0] <= max_h and parsed.grid.shape[1] <= max_w
+
+
 def test_masked_log_probs_renormalise_over_the_allowed_tokens():
     logp = jax.nn.log_softmax(jax.random.normal(jax.random.key(0), (3, 9)))
     mask = jnp.zeros((3, 9), bool).at[:, 2:5].set(True)

@@ -119,7 +119,7 @@ def dfs_per_task(
     min_prob: float, max_candidates: int, max_new_tokens: int,
     eos_token_id: int | Sequence[int], pad_token_id: int, max_steps: int = 0,
     lora_config: LoraConfig | None = None, mesh: Mesh | None = None,
-    grammar: gm.GridGrammar | None = None,
+    grammar: gm.GridGrammar | None = None, max_shape: Array | None = None,
 ) -> Found:
     """Every completion with probability >= `min_prob` after each of `prompts [G, B, T]`
     (right-padded, `lengths [G, B]` >= 1), under adapter `lora_stack[g]` (None: the base).
@@ -128,7 +128,8 @@ def dfs_per_task(
     `max_steps` > 0, at most that many expansions per row. With a `mesh` of several devices the
     groups are sharded over it (G a multiple of its size). Compiled once per shapes, caps and
     the stack size (from `min_prob`); the threshold itself is traced. `grammar`: search the
-    constrained distribution (module docstring).
+    constrained distribution (module docstring), with grids bounded by `max_shape [G, B, 2]`
+    (None: 30 x 30).
     """
     options = search_options(min_prob, max_candidates, max_new_tokens, eos_token_id, pad_token_id,
                           max_steps)
@@ -136,9 +137,10 @@ def dfs_per_task(
     lora_axis = None if lora_stack is None else 0
     if mesh is not None and mesh.size > 1:
         return _dfs_sharded(model, params, lora_stack, lora_config, prompts, lengths, **options,
-                            grammar=grammar, lora_axis=lora_axis, mesh=mesh)
+                            grammar=grammar, max_shape=max_shape, lora_axis=lora_axis,
+                            mesh=mesh)
     return _dfs(model, params, lora_stack, lora_config, prompts, lengths, **options,
-                grammar=grammar, lora_axis=lora_axis)
+                grammar=grammar, max_shape=max_shape, lora_axis=lora_axis)
 
 
 def search_options(min_prob: float, max_candidates: int, max_new_tokens: int, eos_token_id,
@@ -160,24 +162,26 @@ _STATIC = ("model", "stack", "max_candidates", "max_new_tokens", "pad", "lora_ax
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "mesh"))
 def _dfs_sharded(model, params, lora, lora_config, prompts, lengths, *, log_min_prob, stack,
                  max_candidates, max_new_tokens, eos, pad, max_steps, lora_axis, mesh,
-                 grammar=None) -> Found:
+                 grammar=None, max_shape=None) -> Found:
     """`_dfs` with the group axis sharded over `mesh` (its one axis), no collectives."""
-    def local(params, lora, prompts, lengths, log_min_prob, eos, max_steps, grammar):
+    def local(params, lora, prompts, lengths, log_min_prob, eos, max_steps, grammar, max_shape):
         return _dfs(model, params, lora, lora_config, prompts, lengths,
                     log_min_prob=log_min_prob, stack=stack, max_candidates=max_candidates,
                     max_new_tokens=max_new_tokens, eos=eos, pad=pad, max_steps=max_steps,
-                    grammar=grammar, lora_axis=lora_axis)
+                    grammar=grammar, max_shape=max_shape, lora_axis=lora_axis)
 
     group = P(mesh.axis_names[0])
     return jax.shard_map(
         local, mesh=mesh, check_vma=False, out_specs=group,
-        in_specs=(P(), None if lora is None else group, group, group, P(), P(), P(), P()),
-    )(params, lora, prompts, lengths, log_min_prob, eos, max_steps, grammar)
+        in_specs=(P(), None if lora is None else group, group, group, P(), P(), P(), P(),
+                  None if max_shape is None else group),
+    )(params, lora, prompts, lengths, log_min_prob, eos, max_steps, grammar, max_shape)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _dfs(model, params, lora, lora_config, prompts, lengths, *, log_min_prob, stack,
-         max_candidates, max_new_tokens, eos, pad, max_steps, lora_axis, grammar=None) -> Found:
+         max_candidates, max_new_tokens, eos, pad, max_steps, lora_axis, grammar=None,
+         max_shape=None) -> Found:
     """The search over `prompts [G, B, T]`, `lengths [G, B]`; `stack` slots per row; prefixes
     carry their `grammar` state (`state["stack_gram"]`, leaves `[G, B, S, ...]`) if given."""
     prompts, lengths = prompts.astype(jnp.int32), lengths.astype(jnp.int32)
@@ -269,8 +273,9 @@ def _dfs(model, params, lora, lora_config, prompts, lengths, *, log_min_prob, st
     }
     root = None
     if grammar is not None:
-        root = gm.start(grammar, (g, b))
-        state["stack_gram"] = gm.start(grammar, (g, b, s_max))
+        root = gm.start(grammar, (g, b), max_shape)
+        state["stack_gram"] = jax.tree.map(
+            lambda x: jnp.broadcast_to(x[:, :, None], (g, b, s_max, *x.shape[2:])), root)
     state = expand(state, log_probs(last), zeros(jnp.float32), jnp.full((g, b), -1, jnp.int32),
                    jnp.ones((g, b), bool), root)
 

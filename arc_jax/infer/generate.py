@@ -92,7 +92,7 @@ def generate_per_task(
     key: Array | None = None, temperature: float = 0.0, top_k: int = 0,
     lora_config: LoraConfig | None = None, group_keys: Array | None = None,
     mesh: Mesh | None = None, max_new_per_group: Array | None = None,
-    grammar: gm.GridGrammar | None = None,
+    grammar: gm.GridGrammar | None = None, max_shape: Array | None = None,
 ) -> Generated:
     """`generate` for G tasks at once: adapter `lora_stack[g]` (leading axis `[G]`) decodes
     `prompts [G, B, T]` with `lengths [G, B]` (e.g. B augmentations of task g's test input).
@@ -104,7 +104,8 @@ def generate_per_task(
     (G a multiple of its size). `max_new_per_group [G]`: group g's rows stop after this many
     tokens (at most `max_new_tokens`, which sets the program's shapes); the loop ends when every
     row is done, so a batch costs the steps of its largest cap, not of `max_new_tokens`.
-    `grammar`: constrained decoding, as in `generate`.
+    `grammar`: constrained decoding, as in `generate`; `max_shape [G, B, 2]` then bounds each
+    row's grid (h, w) (None: 30 x 30).
     """
     prompts, lengths = jnp.asarray(prompts), jnp.asarray(lengths)
     keys = group_keys if group_keys is not None else (
@@ -114,33 +115,35 @@ def generate_per_task(
     lora_axis = None if lora_stack is None else 0
     if mesh is not None and mesh.size > 1:
         return _decode_sharded(model, params, lora_stack, lora_config, prompts, lengths,
-                               **options, grammar=grammar, lora_axis=lora_axis, mesh=mesh)
+                               **options, grammar=grammar, max_shape=max_shape,
+                               lora_axis=lora_axis, mesh=mesh)
     return _decode(model, params, lora_stack, lora_config, prompts, lengths, **options,
-                   grammar=grammar, lora_axis=lora_axis)
+                   grammar=grammar, max_shape=max_shape, lora_axis=lora_axis)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "pad", "lora_axis",
                                              "mesh"))
 def _decode_sharded(model, params, lora, lora_config, prompts, lengths, *, keys, caps,
                     max_new_tokens, eos, pad, temperature, top_k, lora_axis, mesh,
-                    grammar=None) -> Generated:
+                    grammar=None, max_shape=None) -> Generated:
     """`_decode` with the group axis sharded over `mesh` (its one axis): each device decodes its
     own groups, with no collectives; G must be a multiple of the mesh size."""
     axis = mesh.axis_names[0]
 
-    def local(params, lora, prompts, lengths, keys, caps, eos, temperature, top_k, grammar):
+    def local(params, lora, prompts, lengths, keys, caps, eos, temperature, top_k, grammar,
+              max_shape):
         return _decode(model, params, lora, lora_config, prompts, lengths, keys=keys, caps=caps,
                        max_new_tokens=max_new_tokens, eos=eos, pad=pad,
                        temperature=temperature, top_k=top_k, grammar=grammar,
-                       lora_axis=lora_axis)
+                       max_shape=max_shape, lora_axis=lora_axis)
 
     group = P(axis)
     return jax.shard_map(
         local, mesh=mesh,
         in_specs=(P(), None if lora is None else group, group, group, group, group, P(), P(),
-                  P(), P()),
+                  P(), P(), None if max_shape is None else group),
         out_specs=group, check_vma=False,
-    )(params, lora, prompts, lengths, keys, caps, eos, temperature, top_k, grammar)
+    )(params, lora, prompts, lengths, keys, caps, eos, temperature, top_k, grammar, max_shape)
 
 
 def _options(keys, groups, max_new_tokens, eos_token_id, pad_token_id, temperature,
@@ -169,9 +172,10 @@ def _options(keys, groups, max_new_tokens, eos_token_id, pad_token_id, temperatu
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "pad", "lora_axis"))
 def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, caps, max_new_tokens,
-            eos, pad, temperature, top_k, lora_axis, grammar=None) -> Generated:
+            eos, pad, temperature, top_k, lora_axis, grammar=None, max_shape=None) -> Generated:
     """The loop over `prompts [G, B, T]`, `lengths [G, B]`, `keys [G]`, token caps `caps [G]`,
-    eos ids `eos [E]`; `grammar` (None: unconstrained) masks each step's logits."""
+    eos ids `eos [E]`; `grammar` (None: unconstrained) masks each step's logits, with shape
+    bounds `max_shape [G, B, 2]`."""
     cfg = model.config
     prompts, lengths = prompts.astype(jnp.int32), lengths.astype(jnp.int32)
     g, b, t = prompts.shape
@@ -228,7 +232,7 @@ def _decode(model, params, lora, lora_config, prompts, lengths, *, keys, caps, m
     index = jnp.arange(t)
     prefill_pos = jnp.where(index < lengths[..., None], index, -1)
     h, cache = hidden(prompts, prefill_pos, empty_cache(), fresh=True)
-    state = None if grammar is None else gm.start(grammar, (g, b))
+    state = None if grammar is None else gm.start(grammar, (g, b), max_shape)
     tok, logp, state = choose(logits(at(h, lengths - 1)), 0, jnp.zeros((g, b), bool), state)
     cap = caps[:, None]  # [G, 1]
     done = is_eos(tok) | (cap <= 1)

@@ -24,6 +24,7 @@ The automaton, per sequence (all int32 unless said):
     k       tokens read of the current number / prefix / suffix, or cells of the current row
     rows    rows finished
     h, w    the header's shape; w = 0 until known (no header: the first row's width)
+    max_h, max_w   the largest shape allowed (default 30 x 30; e.g. a task's answer cap)
 
 Everything is traced (no static flags), so one program serves every grid format.
 """
@@ -74,6 +75,8 @@ class GrammarState(NamedTuple):
     rows: Array
     h: Array
     w: Array
+    max_h: Array
+    max_w: Array
 
 
 def grid_grammar(vocab: TokenVocab, fmt: GridFormat | str) -> GridGrammar:
@@ -91,18 +94,24 @@ def grid_grammar(vocab: TokenVocab, fmt: GridFormat | str) -> GridGrammar:
         row_numbers=jnp.bool_(fmt.row_numbers))
 
 
-def _sizes() -> Array:
-    """Header numbers a grid side may take: 1..30."""
+def _sizes(most: Array) -> Array:
+    """bool [..., 31]: the header numbers 1..`most` (`most [...]`)."""
     n = jnp.arange(MAX_SIDE + 1)
-    return (n >= 1) & (n <= MAX_SIDE)
+    return (n >= 1) & (n <= jnp.asarray(most)[..., None])
 
 
-def start(grammar: GridGrammar, shape: tuple[int, ...]) -> GrammarState:
-    """The state before an answer's first token, for sequences of batch `shape`."""
+def start(grammar: GridGrammar, shape: tuple[int, ...],
+          max_shape: Array | None = None) -> GrammarState:
+    """The state before an answer's first token, for sequences of batch `shape`; `max_shape`
+    `[*shape, 2]` bounds each one's (h, w) (None: 30 x 30)."""
     zeros = jnp.zeros(shape, jnp.int32)
+    if max_shape is None:
+        max_h = max_w = zeros + MAX_SIDE
+    else:
+        bounds = jnp.clip(jnp.asarray(max_shape, jnp.int32), 1, MAX_SIDE)
+        max_h, max_w = bounds[..., 0] + zeros, bounds[..., 1] + zeros
     phase = jnp.where(grammar.shape_header, HEAD_H, ROW_END) + zeros
-    return GrammarState(phase, jnp.broadcast_to(_sizes(), (*shape, MAX_SIDE + 1)), zeros, zeros,
-                        zeros, zeros)
+    return GrammarState(phase, _sizes(max_h), zeros, zeros, zeros, zeros, max_h, max_w)
 
 
 def _one_allowed(g: GridGrammar, s: GrammarState, vocab_size: int) -> Array:
@@ -127,11 +136,11 @@ def _one_allowed(g: GridGrammar, s: GrammarState, vocab_size: int) -> Array:
     # cells: exactly w colours (up to 30 while the first row of a headerless grid sets w)
     known = s.w > 0
     cells = s.phase == CELLS
-    mask = mark(mask, g.digits, cells & jnp.where(known, s.k < s.w, s.k < MAX_SIDE))
+    mask = mark(mask, g.digits, cells & jnp.where(known, s.k < s.w, s.k < s.max_w))
     mask = mark(mask, g.newline, cells & jnp.where(known, s.k == s.w, s.k >= 1))
     # between rows: the next row's first token, or the end of the grid
     between = s.phase == ROW_END
-    more = jnp.where(g.shape_header, s.rows < s.h, s.rows < MAX_SIDE)
+    more = jnp.where(g.shape_header, s.rows < s.h, s.rows < s.max_h)
     can_end = jnp.where(g.shape_header, s.rows == s.h, s.rows >= 1)
     mask = mark(mask, g.numbers[r, 0], between & more & g.row_numbers)
     mask = mark(mask, g.digits, between & more & ~g.row_numbers)
@@ -146,7 +155,6 @@ def _one_advance(g: GridGrammar, s: GrammarState, tok: Array) -> GrammarState:
     lens = g.number_lens
     k_at = jnp.clip(s.k, 0, g.numbers.shape[1] - 1)
     r = jnp.clip(s.rows + 1, 0, MAX_SIDE)
-    phase, number, k, rows, h, w = s
 
     # header: the terminator fixes the number, any other token narrows it down
     term = jnp.where(s.phase == HEAD_H, g.x, g.newline)
@@ -154,7 +162,7 @@ def _one_advance(g: GridGrammar, s: GrammarState, tok: Array) -> GrammarState:
     value = jnp.argmax(s.number & (lens == s.k)).astype(jnp.int32)
     head = (s.phase == HEAD_H) | (s.phase == HEAD_W)
     head_phase = jnp.where(ends, jnp.where(s.phase == HEAD_H, HEAD_W, ROW_END), s.phase)
-    head_number = jnp.where(ends, _sizes(), s.number & (g.numbers[:, k_at] == tok))
+    head_number = jnp.where(ends, _sizes(s.max_w), s.number & (g.numbers[:, k_at] == tok))
     head_k = jnp.where(ends, 0, s.k + 1)
 
     # row number prefix: the space starts the cells
@@ -180,7 +188,8 @@ def _one_advance(g: GridGrammar, s: GrammarState, tok: Array) -> GrammarState:
                   jnp.where((s.phase == CELLS) & newline & (s.w == 0), s.k, s.w))
     rows = s.rows + ((s.phase == CELLS) & newline)
     return GrammarState(phase.astype(jnp.int32), number, k.astype(jnp.int32),
-                        rows.astype(jnp.int32), h.astype(jnp.int32), w.astype(jnp.int32))
+                        rows.astype(jnp.int32), h.astype(jnp.int32), w.astype(jnp.int32),
+                        s.max_h, s.max_w)
 
 
 def allowed(grammar: GridGrammar, state: GrammarState, vocab_size: int) -> Array:

@@ -220,14 +220,20 @@ def answer_token_cap(vocab: TokenVocab, fmt: GridFormat, task: Task, q: int) -> 
     output / input height ratio, at most 30; W likewise. Answers of the inputs' size, of a fixed
     size or of a fixed scale of the input fit; a test output larger than all of these is cut.
     """
+    h, w = answer_shape_cap(task, q)
+    return max(answer_tokens(vocab, fmt, (h, w)), answer_tokens(vocab, fmt, (w, h)))
+
+
+def answer_shape_cap(task: Task, q: int) -> tuple[int, int]:
+    """(H, W) of `answer_token_cap`, in the task's own orientation: the grammar's bound on the
+    shape of test input `q`'s answer (a view that transposes swaps them)."""
     test = task.test[q].input
     sides = []
     for axis in (0, 1):
         tallest = max(p.output.shape[axis] for p in task.train)
         ratio = max(p.output.shape[axis] / p.input.shape[axis] for p in task.train)
         sides.append(min(MAX_SIDE, max(tallest, int(np.ceil(test.shape[axis] * ratio - 1e-9)))))
-    h, w = sides
-    return max(answer_tokens(vocab, fmt, (h, w)), answer_tokens(vocab, fmt, (w, h)))
+    return sides[0], sides[1]
 
 
 def _fit_groups(compile_for, budget_bytes: float, most: int, shared_bytes: int,
@@ -377,40 +383,57 @@ def evaluate_tasks(
                        pad_token_id=int(vocab.pad), max_steps=settings.dfs_max_steps)
     caps = ({} if settings.answer_cap == "any" or dfs else
             {(i, q): answer_token_cap(vocab, fmt, tasks[i], q) for i, q in pairs})
-    for seq_len, members in assign_buckets(ids, prompt_lens, pipeline).items():
-        groups = [pairs[m] for m in members if (tasks[pairs[m][0]].task_id, pairs[m][1])
-                  not in out.candidates]
-        if not groups:
-            continue
-        if caps:  # a call runs to its largest cap: batch groups of like caps together
-            groups.sort(key=lambda group: caps[group])
+    # with the grammar, the cap bounds the grid itself (vote and dfs): a view's header, its
+    # rows and their widths, in the view's orientation
+    shape_caps = ({(i, q): answer_shape_cap(tasks[i], q) for i, q in pairs}
+                  if grammar is not None and settings.answer_cap == "task" else {})
 
-        def compile_decode(m, seq_len=seq_len, groups=groups):
+    def view_shape_caps(chunk, dihedral):  # -> [G, views, 2] or None
+        if not shape_caps:
+            return None
+        swap = jnp.asarray(augment.DIHEDRAL_SWAPS_AXES)[dihedral].reshape(len(chunk), n_views)
+        hw = jnp.asarray([shape_caps[group] for group in chunk], jnp.int32)[:, None, :]
+        return jnp.where(swap[..., None], hw[..., ::-1], hw)
+
+    stopped: list = []  # groups at which decoding stopped for the deadline
+
+    def decode_run(seq_len: int, n_new: int, groups: list) -> None:
+        """Decodes `groups` of one bucket, `n_new` tokens at most, in calls of as many groups
+        as the memory budget allows."""
+
+        def compile_decode(m):
             g = m * n_dev
             tokens = jax.ShapeDtypeStruct((g, n_views, seq_len), jnp.int32)
             lens = jax.ShapeDtypeStruct((g, n_views), jnp.int32)
             lora = lora_for(groups[:1] * g)
+            bounds = (jax.ShapeDtypeStruct((g, n_views, 2), jnp.int32) if shape_caps
+                      else None)
             if dfs:
                 options = search_options(**dfs_options)
                 if n_dev > 1:
                     return _dfs_sharded.lower(model, params, lora, lora_config, tokens, lens,
-                                              **options, grammar=grammar, lora_axis=lora_axis,
-                                              mesh=mesh).compile()
+                                              **options, grammar=grammar, max_shape=bounds,
+                                              lora_axis=lora_axis, mesh=mesh).compile()
                 return _dfs.lower(model, params, lora, lora_config, tokens, lens, **options,
-                                  grammar=grammar, lora_axis=lora_axis).compile()
-            options = _options(jax.random.split(key, g), g, max_new, int(vocab.end),
+                                  grammar=grammar, max_shape=bounds,
+                                  lora_axis=lora_axis).compile()
+            options = _options(jax.random.split(key, g), g, n_new, int(vocab.end),
                                int(vocab.pad), settings.temperature, settings.top_k)
             if n_dev > 1:
                 return _decode_sharded.lower(
                     model, params, lora, lora_config, tokens, lens,
-                    **options, grammar=grammar, lora_axis=lora_axis, mesh=mesh).compile()
-            return _decode.lower(model, params, lora, lora_config, tokens,
-                                 lens, **options, grammar=grammar, lora_axis=lora_axis).compile()
+                    **options, grammar=grammar, max_shape=bounds, lora_axis=lora_axis,
+                    mesh=mesh).compile()
+            return _decode.lower(model, params, lora, lora_config, tokens, lens, **options,
+                                 grammar=grammar, max_shape=bounds,
+                                 lora_axis=lora_axis).compile()
 
         for real, chunk in _chunks(groups, group_size(compile_decode, groups)):
             if out_of_time():
-                logging.warning("evaluation stopped for the job's deadline: %s and later "
-                                "groups get the fallback answer", ids[pairs.index(real[0])])
+                if not stopped:  # once, naming the first group left out
+                    logging.warning("evaluation stopped for the job's deadline: %s and later "
+                                    "groups get the fallback answer", ids[pairs.index(real[0])])
+                stopped.append(real[0])
                 break
             flat_augs, prompts = _view_prompts(
                 make_prompts, device_arrays, jnp.stack([group_key(VIEWS, i, q) for i, q in chunk]),
@@ -418,13 +441,14 @@ def evaluate_tasks(
             lengths = np.asarray(prompts.length)
             row_ids = [f"{tasks[i].task_id}/test{q}/view{v}" for i, q in real
                        for v in range(n_views)]
-            keep = prompts_that_fit(lengths[: len(row_ids)], max_new, model.config, ids=row_ids)
+            keep = prompts_that_fit(lengths[: len(row_ids)], n_new, model.config, ids=row_ids)
             view_prompts = prompts.tokens.reshape(len(chunk), n_views, -1)
             view_lengths = jnp.asarray(lengths).reshape(len(chunk), n_views)
+            bounds = view_shape_caps(chunk, flat_augs.dihedral)
             if dfs:
                 found = gather(dfs_per_task(
                     model, params, lora_for(chunk), view_prompts, view_lengths, **dfs_options,
-                    lora_config=lora_config, mesh=mesh, grammar=grammar))
+                    lora_config=lora_config, mesh=mesh, grammar=grammar, max_shape=bounds))
                 # per view: (tokens [C, N], lengths [C], whole log-probs [C])
                 per_view = lambda g, v, found=found: [(
                     found.tokens[g, v, c], int(found.lengths[g, v, c]),
@@ -433,12 +457,12 @@ def evaluate_tasks(
             else:
                 gen = gather(generate_per_task(
                     model, params, lora_for(chunk), view_prompts, view_lengths,
-                    max_new_tokens=max_new, eos_token_id=int(vocab.end),
+                    max_new_tokens=n_new, eos_token_id=int(vocab.end),
                     pad_token_id=int(vocab.pad), temperature=settings.temperature,
                     top_k=settings.top_k, lora_config=lora_config, mesh=mesh,
                     group_keys=jnp.stack([group_key(SAMPLING, i, q) for i, q in chunk]),
                     max_new_per_group=jnp.asarray([caps[g] for g in chunk]) if caps else None,
-                    grammar=grammar))
+                    grammar=grammar, max_shape=bounds))
                 per_view = lambda g, v, gen=gen: [(
                     gen.tokens[g, v], int(gen.lengths[g, v]),
                     float(np.mean(gen.logprobs[g, v, : gen.lengths[g, v]]))
@@ -460,6 +484,16 @@ def evaluate_tasks(
                     {"dihedral": int(c.augmentation.dihedral),
                      "colors": np.asarray(c.augmentation.colors).tolist(), "text": c.text,
                      "logprob": c.mean_logprob, "total": c.logprob} for c in cands]})
+
+    for seq_len, members in assign_buckets(ids, prompt_lens, pipeline).items():
+        groups = [pairs[m] for m in members if (tasks[pairs[m][0]].task_id, pairs[m][1])
+                  not in out.candidates]
+        if not groups:
+            continue
+        if caps:  # a call runs to its largest cap: batch groups of like caps together
+            groups.sort(key=lambda group: caps[group])
+        decode_run(seq_len, max_new, groups)
+
     if settings.scoring == "poe":
         out.poe_scores = _poe_scores(
             model, params, vocab, pipeline, tasks, pairs, ids, prompt_lens, out.candidates,

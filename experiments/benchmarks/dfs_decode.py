@@ -22,6 +22,7 @@ of `--repeats` timed calls after a compiling one):
                         same rows, decoding only, as `generate_decode` counts it
 
 The DFS step does the work of a greedy step plus a top-k and the stack updates, per row.
+`--grammar grid` constrains both decoders to well-formed grids (`arc_jax.infer.grammar`).
 `--sharpen S` multiplies the output projection by S: a random model's next-token distributions
 are nearly uniform (tiny model: 48 tokens, ~0.02 each), so at min_prob 0.1 the search stops at
 its first step; sharpening makes it search as a trained model would, so the expansion rate can
@@ -95,10 +96,13 @@ def main() -> None:
     parser.add_argument("--sharpen", default="1", help="comma-separated lm_head factors")
     parser.add_argument("--max-steps", type=int, default=0, help="expansions per row; 0: none")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--grammar", default="none", choices=["none", "grid"],
+                        help="grid: both decoders constrained to well-formed grids")
     args = parser.parse_args()
 
     from arc_jax.infer.dfs import dfs_per_task
     from arc_jax.infer.generate import generate_per_task, max_answer_tokens
+    from arc_jax.infer.grammar import grid_grammar
     from arc_jax.model.convert import load_pretrained
 
     model, params = load_pretrained(args.model)
@@ -107,15 +111,17 @@ def main() -> None:
     new = args.new_tokens or max_answer_tokens(vocab, fmt)
     eos, pad = int(vocab.end), int(vocab.pad)
     name = os.path.basename(os.path.normpath(args.model))
+    grammar = grid_grammar(vocab, fmt) if args.grammar == "grid" else None
 
     def greedy(p, n):
         return generate_per_task(model, p, None, prompts, lengths, max_new_tokens=n,
-                                 eos_token_id=eos, pad_token_id=pad)
+                                 eos_token_id=eos, pad_token_id=pad, grammar=grammar)
 
     def search(p, min_prob):
         return dfs_per_task(model, p, None, prompts, lengths, min_prob=min_prob,
                             max_candidates=args.max_candidates, max_new_tokens=new,
-                            eos_token_id=eos, pad_token_id=pad, max_steps=args.max_steps)
+                            eos_token_id=eos, pad_token_id=pad, max_steps=args.max_steps,
+                            grammar=grammar)
 
     rows = []
     for sharpen in map(float, args.sharpen.split(",")):
@@ -134,7 +140,8 @@ def main() -> None:
             found = jax.device_get(found)
             expansions = int(found.steps.sum())
             rows.append({
-                "model": name, "sharpen": sharpen, "bucket": args.seq_len,
+                "model": name, "grammar": args.grammar, "sharpen": sharpen,
+                "bucket": args.seq_len,
                 "rows": int(np.prod(lengths.shape)),
                 "prompt tokens": int(np.mean(lengths)), "max new": new, "min_prob": min_prob,
                 "prefill s": round(prefill_s, 3), "dfs s": round(dfs_s, 3),
@@ -151,7 +158,8 @@ def main() -> None:
             })
             print(rows[-1], flush=True)
     print_table(rows)
-    path = write_results(f"dfs_decode_{name}", rows, {"test_inputs": ids,
+    suffix = "" if args.grammar == "none" else f"_{args.grammar}"
+    path = write_results(f"dfs_decode_{name}{suffix}", rows, {"test_inputs": ids,
                                                       "views": args.views})
     print(f"wrote {path}")
 
