@@ -390,8 +390,8 @@ def train_per_task(
             most = -(-len(todo) // mesh.size)
             per_device, used = ttft.fit_tasks_per_device(
                 compile_for, setup.budget_bytes, n_local, most, shared)
-            log.info("bucket %d: %d task(s) per device (XLA estimate %.2f GiB of the %.2f GiB "
-                     "step budget)", seq_len, per_device, used / 2**30,
+            log.info("bucket %d: %d task(s) per device (%.2f GiB by XLA's estimate, of the %.2f "
+                     "GiB step budget)", seq_len, per_device, used / 2**30,
                      setup.budget_bytes / 2**30)
             if used > setup.budget_bytes:
                 log.warning("bucket %d: one task per device needs %.2f GiB, over the budget "

@@ -237,12 +237,15 @@ def answer_shape_cap(task: Task, q: int) -> tuple[int, int]:
 
 
 def _fit_groups(compile_for, budget_bytes: float, most: int, shared_bytes: int,
-                n_local: int) -> int:
+                n_local: int, what: str = "") -> int:
     """Groups per device per call that fit the budget, from XLA's estimate of the program
-    (see `arc_jax.train.ttft.fit_tasks_per_device`)."""
+    (see `arc_jax.train.ttft.fit_tasks_per_device`); logged as `what`."""
     from arc_jax.train.ttft import fit_tasks_per_device
 
-    return fit_tasks_per_device(compile_for, budget_bytes, n_local, most, shared_bytes)[0]
+    m, used = fit_tasks_per_device(compile_for, budget_bytes, n_local, most, shared_bytes)
+    logging.info("%s: %d group(s) per device per call (%.2f GiB by XLA's estimate, of the %.2f "
+                 "GiB budget)", what or "evaluation", m, used / 2**30, budget_bytes / 2**30)
+    return m
 
 
 def evaluate_tasks(
@@ -313,8 +316,9 @@ def evaluate_tasks(
     def group_key(stream: int, i: int, q: int) -> jax.Array:
         return stream_key(key, stream, task_keys[i], q)
 
-    def group_size(compile_for, groups) -> int:
-        m = _fit_groups(compile_for, budget_bytes, -(-len(groups) // n_dev), shared, n_local)
+    def group_size(compile_for, groups, what: str = "") -> int:
+        m = _fit_groups(compile_for, budget_bytes, -(-len(groups) // n_dev), shared, n_local,
+                        what)
         return m * n_dev
 
     pairs = [(i, q) for i, t in enumerate(tasks) for q in range(len(t.test))]
@@ -349,7 +353,8 @@ def evaluate_tasks(
             return program.lower(params, lora_for(groups[:1] * (m * n_dev)), device_arrays,
                                  idx, idx).compile()
 
-        for real, chunk in _chunks(groups, group_size(compile_val, groups)):
+        for real, chunk in _chunks(groups, group_size(compile_val, groups,
+                                                      f"val loss, bucket {seq_len}")):
             if out_of_time():
                 break
             s, c = gather(program(
@@ -428,7 +433,8 @@ def evaluate_tasks(
                                  grammar=grammar, max_shape=bounds,
                                  lora_axis=lora_axis).compile()
 
-        for real, chunk in _chunks(groups, group_size(compile_decode, groups)):
+        what = f"{settings.strategy} decode, bucket {seq_len}"
+        for real, chunk in _chunks(groups, group_size(compile_decode, groups, what)):
             if out_of_time():
                 if not stopped:  # once, naming the first group left out
                     logging.warning("evaluation stopped for the job's deadline: %s and later "
@@ -548,7 +554,7 @@ def _poe_scores(model, params, vocab, pipeline, tasks, pairs, ids, prompt_lens, 
                 shape(g, n_views, capacity, width), shape(g, n_views, capacity), shape(),
                 lora_axis=lora_axis, **extra).compile()
 
-        for real, chunk in _chunks(groups, group_size(compile_score, groups)):
+        for real, chunk in _chunks(groups, group_size(compile_score, groups, "poe scores")):
             if out_of_time():
                 logging.warning("scoring stopped for the job's deadline: %s and later groups "
                                 "are ranked by vote", ids[pairs.index(real[0])])

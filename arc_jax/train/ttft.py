@@ -72,12 +72,20 @@ def plan_units(
     return units
 
 
+# XLA:CPU's runtime holds more than its buffer assignment says: a program's peak RSS was
+# 1.38-1.51x `memory_analysis()` (the val-loss program at bucket 4096, 1 to 8 groups, fp32 and
+# bf16 matmuls), so on CPU the budget is checked against the estimate times this.
+CPU_RUNTIME_FACTOR = 1.5
+
+
 def step_bytes(compiled: Any) -> int:
-    """XLA's estimate of one device's memory for a compiled program: temporaries, arguments and
-    outputs (minus the donated arguments the outputs reuse)."""
+    """One device's memory for a compiled program: XLA's estimate of its temporaries, arguments
+    and outputs (minus the donated arguments the outputs reuse), times `CPU_RUNTIME_FACTOR` on
+    CPU."""
     m = compiled.memory_analysis()
-    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-               - m.alias_size_in_bytes)
+    estimate = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+                - m.alias_size_in_bytes)
+    return int(estimate * (CPU_RUNTIME_FACTOR if jax.default_backend() == "cpu" else 1.0))
 
 
 def fit_tasks_per_device(
