@@ -72,9 +72,9 @@ def plan_units(
     return units
 
 
-# XLA:CPU's runtime holds more than its buffer assignment says: a program's peak RSS was
-# 1.38-1.51x `memory_analysis()` (the val-loss program at bucket 4096, 1 to 8 groups, fp32 and
-# bf16 matmuls), so on CPU the budget is checked against the estimate times this.
+# XLA:CPU's runtime holds more than its buffer assignment says (the ratio of a program's RSS
+# rise to `memory_analysis()`: `experiments/benchmarks/xla_memory_factor.py`), so on CPU the
+# budget is checked against the estimate times this.
 CPU_RUNTIME_FACTOR = 1.5
 
 
