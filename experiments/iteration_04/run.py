@@ -24,18 +24,20 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-KEPT = os.path.join(HERE, "runs")
+KEPT = os.path.join(HERE, "runs")  # the full-scale variant's rows go to runs_phi3/
 EVAL_SUBSET = ("--config.data.subset=every:4",)  # the 100 evaluation tasks of the protocol
 SUBSET_TASKS = 100
 
 
-def joint_flags() -> tuple[str, ...]:
+JOINT = "--config.ttft.mode=joint"
+
+
+def joint_steps(variant: str = "") -> str:
     """Joint TTFT trains one adapter on the subset's rows: as many steps of `train.batch_size`
     rows as the per-task rows give all 100 tasks together (`train.steps` x 100)."""
     from configs import base
 
-    return ("--config.ttft.mode=joint",
-            f"--config.train.steps={base.get_config().train.steps * SUBSET_TASKS}")
+    return f"--config.train.steps={base.get_config(variant).train.steps * SUBSET_TASKS}"
 HELDOUT = ("--config.data.eval=kaggle2024/training", "--config.data.subset=every:8")
 
 
@@ -46,10 +48,13 @@ class Row:
     flags: tuple[str, ...] = EVAL_SUBSET
     adapters_from: str = ""  # a row whose per-task adapters this row re-evaluates
 
-    def command(self, runs: str, model: str, minutes: float) -> list[str]:
-        cmd = [sys.executable, "-m", "arc_jax.main", f"--config=configs/{self.config}.py",
+    def command(self, runs: str, model: str, minutes: float, variant: str = "") -> list[str]:
+        config = f"configs/{self.config}.py" + (f":{variant}" if variant else "")
+        cmd = [sys.executable, "-m", "arc_jax.main", f"--config={config}",
                f"--workdir={os.path.join(runs, self.name)}", f"--config.name={self.name}",
                *self.flags]
+        if JOINT in self.flags:
+            cmd.append(joint_steps(variant))
         if model:
             cmd.append(f"--config.model.path={model}")
         if self.adapters_from:
@@ -68,7 +73,7 @@ ROWS = (
     Row("color_swap", "color_swap"),
     Row("preserve_color", "preserve_color"),
     Row("n_minus_2", "n_minus_2"),
-    Row("color_swap_joint", "color_swap", EVAL_SUBSET + joint_flags()),
+    Row("color_swap_joint", "color_swap", EVAL_SUBSET + (JOINT,)),
     Row("n_minus_1_dfs_poe", "n_minus_1", EVAL_SUBSET + DFS + ("--config.eval.scoring=poe",),
         adapters_from="n_minus_1"),
     Row("n_minus_1_dfs_count_logprob", "n_minus_1",
@@ -79,21 +84,27 @@ ROWS = (
 )
 
 
-def keep(row: Row, runs: str) -> bool:
+def kept_dir(variant: str = "") -> str:
+    return KEPT + (f"_{variant}" if variant else "")
+
+
+def keep(row: Row, runs: str, variant: str = "") -> bool:
     """Copies a finished row's results.json and config.json into runs/<row>/; False if none."""
     workdir = os.path.join(runs, row.name)
     if not os.path.exists(os.path.join(workdir, "results.json")):
         return False
-    os.makedirs(os.path.join(KEPT, row.name), exist_ok=True)
+    kept = kept_dir(variant)
+    os.makedirs(os.path.join(kept, row.name), exist_ok=True)
     for name in ("results.json", "config.json"):
-        shutil.copy2(os.path.join(workdir, name), os.path.join(KEPT, row.name, name))
+        shutil.copy2(os.path.join(workdir, name), os.path.join(kept, row.name, name))
     return True
 
 
-def table() -> str:
+def table(variant: str = "") -> str:
     from arc_jax.results_table import results_table
 
-    kept = [os.path.join(KEPT, r.name) for r in ROWS if os.path.isdir(os.path.join(KEPT, r.name))]
+    where = kept_dir(variant)
+    kept = [os.path.join(where, r.name) for r in ROWS if os.path.isdir(os.path.join(where, r.name))]
     return results_table(kept, markdown=True) if kept else "(no row kept yet)"
 
 
@@ -104,10 +115,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="stop starting or training rows after this long; 0 = no limit")
     parser.add_argument("--runs", default=os.path.expanduser("~/arc_runs/iter4"))
     parser.add_argument("--model", default="", help="model.path; default: the configs' own")
+    parser.add_argument("--variant", default="", choices=["", "phi3"],
+                        help="phi3: the configs' full-scale variant (a real Phi-3, accelerator)")
     parser.add_argument("--table", action="store_true", help="print the table and exit")
     args = parser.parse_args(argv)
     if args.table:
-        print(table())
+        print(table(args.variant))
         return
     names = [n for n in args.rows.split(",") if n] or [r.name for r in ROWS]
     unknown = sorted(set(names) - {r.name for r in ROWS})
@@ -115,22 +128,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"unknown rows {unknown}; rows: {', '.join(r.name for r in ROWS)}")
     start = time.monotonic()
     for row in (r for r in ROWS if r.name in names):
-        if os.path.exists(os.path.join(KEPT, row.name, "results.json")):
+        if os.path.exists(os.path.join(kept_dir(args.variant), row.name, "results.json")):
             continue
         left = args.minutes - (time.monotonic() - start) / 60 if args.minutes else 0.0
         if args.minutes and left < 2:
             print(f"minute budget spent; rerun to continue from {row.name}")
             break
-        cmd = row.command(args.runs, args.model, left)
+        cmd = row.command(args.runs, args.model, left, args.variant)
         print(" ".join(cmd), flush=True)
         done = subprocess.run(cmd, cwd=ROOT)
         if done.returncode != 0:
             sys.exit(f"{row.name} failed (exit {done.returncode}); its workdir: "
                      f"{os.path.join(args.runs, row.name)}")
-        if not keep(row, args.runs):
+        if not keep(row, args.runs, args.variant):
             print(f"{row.name} paused; rerun to resume it")
             break
-    print(table())
+    print(table(args.variant))
 
 
 if __name__ == "__main__":
