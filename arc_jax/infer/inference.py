@@ -402,9 +402,9 @@ def evaluate_tasks(
 
     stopped: list = []  # groups at which decoding stopped for the deadline
 
-    def decode_run(seq_len: int, n_new: int, groups: list) -> None:
-        """Decodes `groups` of one bucket, `n_new` tokens at most, in calls of as many groups
-        as the memory budget allows."""
+    def decode_run(seq_len: int, groups: list) -> None:
+        """Decodes `groups` of one bucket in calls of as many groups as the memory budget
+        allows."""
 
         def compile_decode(m):
             g = m * n_dev
@@ -422,7 +422,7 @@ def evaluate_tasks(
                 return _dfs.lower(model, params, lora, lora_config, tokens, lens, **options,
                                   grammar=grammar, max_shape=bounds,
                                   lora_axis=lora_axis).compile()
-            options = _options(jax.random.split(key, g), g, n_new, int(vocab.end),
+            options = _options(jax.random.split(key, g), g, max_new, int(vocab.end),
                                int(vocab.pad), settings.temperature, settings.top_k)
             if n_dev > 1:
                 return _decode_sharded.lower(
@@ -447,7 +447,7 @@ def evaluate_tasks(
             lengths = np.asarray(prompts.length)
             row_ids = [f"{tasks[i].task_id}/test{q}/view{v}" for i, q in real
                        for v in range(n_views)]
-            keep = prompts_that_fit(lengths[: len(row_ids)], n_new, model.config, ids=row_ids)
+            keep = prompts_that_fit(lengths[: len(row_ids)], max_new, model.config, ids=row_ids)
             view_prompts = prompts.tokens.reshape(len(chunk), n_views, -1)
             view_lengths = jnp.asarray(lengths).reshape(len(chunk), n_views)
             bounds = view_shape_caps(chunk, flat_augs.dihedral)
@@ -463,7 +463,7 @@ def evaluate_tasks(
             else:
                 gen = gather(generate_per_task(
                     model, params, lora_for(chunk), view_prompts, view_lengths,
-                    max_new_tokens=n_new, eos_token_id=int(vocab.end),
+                    max_new_tokens=max_new, eos_token_id=int(vocab.end),
                     pad_token_id=int(vocab.pad), temperature=settings.temperature,
                     top_k=settings.top_k, lora_config=lora_config, mesh=mesh,
                     group_keys=jnp.stack([group_key(SAMPLING, i, q) for i, q in chunk]),
@@ -498,7 +498,7 @@ def evaluate_tasks(
             continue
         if caps:  # a call runs to its largest cap: batch groups of like caps together
             groups.sort(key=lambda group: caps[group])
-        decode_run(seq_len, max_new, groups)
+        decode_run(seq_len, groups)
 
     if settings.scoring == "poe":
         out.poe_scores = _poe_scores(
